@@ -1,28 +1,37 @@
 """
-Reproduce the paper's central claim at small scale: ID-LoRA against LoRA on GSM8K, on the
-embedded SmolLM2-135M-Instruct, with the same data, steps, seeds and learning-rate grid for
-every method. Resumable: a finished run (its results/<run>.json exists) is skipped, a
-half-finished one continues from its checkpoint.
+Reproduce the paper's central claim at small scale: ID-LoRA against LoRA on the embedded
+SmolLM2-135M-Instruct, with the same data, steps, seeds and learning-rate grid for every method.
+Two studies:
 
-    python reproduce.py --plan              # the runs, and which are done
-    python reproduce.py                     # run what is missing (add --device cuda on a GPU)
-    python reproduce.py --table             # rebuild results/table.md and results/loss_vs_params.png
+    gsm8k      train on the first --train-examples GSM8K train problems; score held-out loss on the
+               first --test-examples GSM8K test problems, and greedy accuracy on them
+    multitask  train on a mix of GSM8K, CodeAlpaca and Saferpaca's safety instructions
+               (--train-examples of each); score held-out loss per task on examples never trained
+               on, and zero-shot MMLU (--mmlu-per-subject of each subject) and CommonsenseQA
+               (--csqa-examples): does the adapter hurt or help general knowledge?
 
-The protocol (single task; the multi-task part of the study is not written yet):
-  1. learning-rate search: every method x every --lrs, seed 0;
-  2. the best lr per method is the one with the lowest loss on a validation slice of GSM8K
-     train that no run trains on (never the test set);
-  3. the main comparison (ID-LoRA r=128 vs LoRA r=16 and r=32) runs again at its best lr
-     with seeds 1 and 2;
-  4. every run is scored on the first --test-examples GSM8K test problems: held-out loss
-     (mean NLL per response token of the reference solutions) and greedy accuracy.
-Runs go to runs/repro/<run>/ (adapters, not committed); results/<run>.json are small.
+    python reproduce.py --study gsm8k --plan        # the runs, and which are done
+    python reproduce.py --study gsm8k               # run what is missing (add --device cuda on a GPU)
+    python reproduce.py --study gsm8k --table       # rebuild results/gsm8k/table.md and its plot
+
+The protocol, per study:
+  0. "base": the frozen model, untrained, scored the same way (the floor every method starts from);
+  1. learning-rate search: every --lrs x every method, seed 0 (lr by lr, so a partial grid
+     still compares methods at the same lr);
+  2. the best lr per method is the one with the lowest validation loss, on held-out examples that
+     no run trains on and that are not the test examples;
+  3. the main comparison (ID-LoRA r=128 vs LoRA r=16 and r=32) runs again at its best lr with
+     --seeds; the table gives the mean and spread over every seed at the best lr.
+Resumable: a finished run (results/<study>/<run>.json exists) is skipped, a half-finished one
+continues from its checkpoint. Runs go to runs/repro/<study>/<run>/ (adapters: not committed);
+results/<study>/*.json are small and committed.
 """
 
 import argparse
 import glob
 import json
 import os
+import random
 import time
 
 import torch
@@ -46,6 +55,8 @@ METHODS = {
     "idlora-r128-k8": ["--method", "idlora", "--rank", "128", "--k", "8"],
 }
 MAIN = ("idlora-r128-k4", "lora-r16", "lora-r32")
+STUDIES = ("gsm8k", "multitask")
+MULTITASK = {"gsm8k": "gsm8k", "code": "codealpaca", "safety": "saferpaca"}   # task -> data.load name
 
 
 def run_name(method, lr, seed):
@@ -53,7 +64,7 @@ def run_name(method, lr, seed):
 
 
 def result_path(args, name):
-    return os.path.join(args.results, f"{name}.json")
+    return os.path.join(args.results, args.study, f"{name}.json")
 
 
 def done(args, name):
@@ -70,78 +81,170 @@ def best_lr(args, method):
 
 
 def plan(args):
-    """[(name, method, lr, seed)] in run order: the lr search first, then the extra seeds."""
-    runs = [(run_name(m, lr, 0), m, lr, 0) for m in args.methods for lr in args.lrs]
+    """[(name, method, lr, seed)] in run order: the base model, the lr search, then the extra
+    seeds (which appear once their method's lr search is complete)."""
+    runs = [("base", "base", 0.0, 0)] + [(run_name(m, lr, 0), m, lr, 0) for lr in args.lrs for m in args.methods]
     for m in (m for m in MAIN if m in args.methods):
         lr = best_lr(args, m)
         runs += [(run_name(m, lr, s), m, lr, s) for s in args.seeds if lr is not None]
     return runs
 
 
-def pairs(records):
-    return [train.to_pair(r) for r in records]
+# -----------------------------------------------------------------------------
+# The data of a study: train records, and held-out {task: records} for validation and test
+
+
+def splits(args):
+    n, v, t = args.train_examples, args.val_examples, args.test_examples
+    gsm = data.load("gsm8k", "train", args.data_dir)
+    gsm_test = data.load("gsm8k", "test", args.data_dir)[:t]
+    if args.study == "gsm8k":
+        return gsm[:n], {"gsm8k": gsm[n:n + v]}, {"gsm8k": gsm_test}
+    train_set, val, test = [], {}, {}
+    for task, name in MULTITASK.items():
+        records = data.load(name, "train", args.data_dir)
+        if task != "gsm8k":          # a fixed shuffle: the files may be grouped by topic
+            records = random.Random(0).sample(records, len(records))
+        need = n + v + (0 if task == "gsm8k" else t)      # GSM8K's test examples come from its test split
+        if len(records) < need:
+            raise ValueError(f"{name} has {len(records)} examples; --train-examples + --val-examples"
+                             f"{'' if task == 'gsm8k' else ' + --test-examples'} need {need}")
+        train_set += records[:n]
+        val[task] = records[n:n + v]
+        test[task] = gsm_test if task == "gsm8k" else records[n + v:n + v + t]
+    return train_set, val, test
+
+
+def train_file(args, records):
+    """The multitask mix as one JSONL file for train.py --train-file (written once)."""
+    path = os.path.join(args.runs, args.study, "train.jsonl")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def losses(args, model, tok, sets):
+    """{task: mean NLL per response token} over each held-out set."""
+    return {task: train.heldout_loss(model, tok, [train.to_pair(r) for r in records], args.max_len,
+                                     device=args.device) for task, records in sets.items()}
+
+
+# -----------------------------------------------------------------------------
+# One run: train (unless done or "base"), then score
+
+
+def train_run(args, out, method, lr, seed, records):
+    argv = ["--task", args.study, "--model", args.model, "--epochs", str(args.epochs), "--lr", str(lr),
+            "--seed", str(seed), "--max-len", str(args.max_len), "--batch-size", str(args.batch_size),
+            "--micro-batch-size", str(args.micro_batch_size), "--output-dir", out, "--device", args.device,
+            "--save-every", "20", "--no-grad-ckpt"]
+    if args.study == "gsm8k":
+        argv += ["--max-examples", str(args.train_examples)]
+    else:
+        argv += ["--train-file", train_file(args, records)]
+    if args.data_dir:
+        argv += ["--data-dir", args.data_dir]
+    if os.path.exists(os.path.join(out, "state.pt")):
+        argv.append("--resume")
+    if not os.path.exists(os.path.join(out, "loss.png")):          # written when a run completes
+        train.main(argv + METHODS[method])
+
+
+def scores(args, out, adapter):
+    """Accuracy from eval.py: GSM8K greedy (gsm8k study) or zero-shot MMLU and CSQA (multitask)."""
+    common = ["--model", args.model, "--device", args.device, "--output-dir", os.path.join(out, "eval")]
+    common += (["--adapter", out] if adapter else []) + (["--data-dir", args.data_dir] if args.data_dir else [])
+    if args.study == "gsm8k":
+        tasks = {"gsm8k": ["--limit", str(args.accuracy_examples), "--max-new-tokens", str(args.max_new_tokens)]}
+    else:
+        tasks = {"mmlu": ["--limit", str(args.mmlu_per_subject), "--shots", "0"],
+                 "csqa": ["--limit", str(args.csqa_examples)]}
+    acc = {}
+    for task, extra in tasks.items():
+        evaluate.main(["--task", task] + common + extra)
+        path = os.path.join(out, "eval", f"{task}-limit{extra[1]}.json")
+        acc[task] = json.load(open(path))["metrics"]["accuracy"]
+    return acc
 
 
 def one_run(args, name, method, lr, seed):
-    out = os.path.join(args.runs, name)
-    common = ["--task", "gsm8k", "--model", args.model, "--max-examples", str(args.train_examples),
-              "--epochs", str(args.epochs), "--lr", str(lr), "--seed", str(seed), "--max-len", str(args.max_len),
-              "--batch-size", str(args.batch_size), "--micro-batch-size", str(args.micro_batch_size),
-              "--output-dir", out, "--device", args.device, "--save-every", "20"]
-    if args.data_dir:
-        common += ["--data-dir", args.data_dir]
-    resume = ["--resume"] if os.path.exists(os.path.join(out, "state.pt")) else []
+    out = os.path.join(args.runs, args.study, name)
+    records, val, test = splits(args)
     t0 = time.time()
-    if not os.path.exists(os.path.join(out, "loss.png")):          # written when a run completes
-        train.main(common + METHODS[method] + resume)
+    if method != "base":
+        train_run(args, out, method, lr, seed, records)
     train_s = time.time() - t0
-
     model, tok = train.load_model(args.model, None, args.device)
-    idlora.load_adapter(model, os.path.join(out, "adapter.safetensors"))
-    gsm_train = data.load("gsm8k", "train", args.data_dir)
-    val = gsm_train[args.train_examples:args.train_examples + args.val_examples]   # never trained on
-    test = data.load("gsm8k", "test", args.data_dir)[:args.test_examples]
-    row = dict(run=name, method=method, lr=lr, seed=seed, trainable=idlora.count_trainable(model),
-               train_examples=args.train_examples, epochs=args.epochs,
-               steps=sum(1 for _ in open(os.path.join(out, "metrics.jsonl"))),
-               val_loss=train.heldout_loss(model, tok, pairs(val), args.max_len, device=args.device),
-               test_loss=train.heldout_loss(model, tok, pairs(test), args.max_len, device=args.device))
-    evaluate.main(["--task", "gsm8k", "--adapter", out, "--model", args.model, "--limit", str(args.test_examples),
-                   "--max-new-tokens", str(args.max_new_tokens), "--device", args.device, "--output-dir", os.path.join(out, "eval")]
-                  + (["--data-dir", args.data_dir] if args.data_dir else []))
-    scores = json.load(open(os.path.join(out, "eval", f"gsm8k-limit{args.test_examples}.json")))
-    row.update(test_accuracy=scores["metrics"]["accuracy"], train_seconds=round(train_s), device=args.device)
-    os.makedirs(args.results, exist_ok=True)
+    if method != "base":
+        idlora.load_adapter(model, os.path.join(out, "adapter.safetensors"))
+    val_loss, test_loss = losses(args, model, tok, val), losses(args, model, tok, test)
+    row = dict(study=args.study, run=name, method=method, lr=lr, seed=seed,
+               trainable=idlora.count_trainable(model) if method != "base" else 0,
+               train_examples=len(records), epochs=args.epochs, max_len=args.max_len,
+               steps=sum(1 for _ in open(os.path.join(out, "metrics.jsonl"))) if method != "base" else 0,
+               val_loss=sum(val_loss.values()) / len(val_loss), val_loss_per_task=val_loss,
+               test_loss=sum(test_loss.values()) / len(test_loss), test_loss_per_task=test_loss,
+               test_examples={task: len(r) for task, r in test.items()},
+               max_new_tokens=args.max_new_tokens if args.study == "gsm8k" else None,
+               accuracy_examples=args.accuracy_examples if args.study == "gsm8k" else
+               dict(mmlu_per_subject=args.mmlu_per_subject, csqa=args.csqa_examples))
+    del model
+    t1 = time.time()
+    row.update(accuracy=scores(args, out, method != "base"), train_seconds=round(train_s),
+               eval_seconds=round(time.time() - t1), device=args.device, model=args.model)
+    os.makedirs(os.path.dirname(result_path(args, name)), exist_ok=True)
     with open(result_path(args, name) + ".tmp", "w") as f:
         json.dump(row, f, indent=1)
     os.replace(result_path(args, name) + ".tmp", result_path(args, name))
-    print(f"{name}: val {row['val_loss']:.4f}  test {row['test_loss']:.4f}  acc {row['test_accuracy']:.3f}")
+    print(f"{args.study}/{name}: val {row['val_loss']:.4f}  test {row['test_loss']:.4f}  {row['accuracy']}")
+
+
+# -----------------------------------------------------------------------------
+# The table and the plot, rebuilt from results/<study>/*.json alone
 
 
 def table(args):
-    """results/table.md (the lr grid, then mean and spread over seeds at the best lr) and a plot
-    of test loss against trainable parameters (the paper's Fig. 4, small scale)."""
-    rows = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(args.results, "*.json")))]
+    """results/<study>/table.md: every run, then mean ± sd over the seeds at each method's best
+    lr; and loss_vs_params.png: test loss against trainable parameters (the paper's Fig. 4)."""
+    folder = os.path.join(args.results, args.study)
+    rows = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(folder, "*.json")))]
     if not rows:
-        raise SystemExit(f"no results in {args.results}")
-    lines = ["| run | trainable | val loss | test loss | test acc |", "|---|---|---|---|---|"]
-    lines += [f"| {r['run']} | {r['trainable']:,} | {r['val_loss']:.4f} | {r['test_loss']:.4f} | {r['test_accuracy']:.3f} |"
-              for r in rows]
-    lines += ["", "| method | best lr | seeds | trainable | test loss (mean ± sd) | test acc (mean) |", "|---|---|---|---|---|---|"]
+        raise SystemExit(f"no results in {folder}")
+    tasks = list(rows[0]["test_loss_per_task"])
+    accs = list(rows[0]["accuracy"])
+    per_task = tasks if len(tasks) > 1 else []
+    head = ["run", "trainable", "val loss", "test loss"] + [f"{t} loss" for t in per_task] + [f"{a} acc" for a in accs]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["run"], f"{r['trainable']:,}", f"{r['val_loss']:.4f}", f"{r['test_loss']:.4f}"]
+        cells += [f"{r['test_loss_per_task'][t]:.4f}" for t in per_task] + [f"{r['accuracy'][a]:.3f}" for a in accs]
+        lines.append("| " + " | ".join(cells) + " |")
+    head = ["method", "best lr", "seeds", "trainable", "test loss (mean ± sd)"] + \
+           [f"{t} loss" for t in per_task] + [f"{a} acc (mean)" for a in accs]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     best = {}
     for m in METHODS:
         lr = best_lr(args, m)
         at = [r for r in rows if r["method"] == m and r["lr"] == lr]
         if lr is None or not at:
             continue
-        losses = torch.tensor([r["test_loss"] for r in at])
-        sd = losses.std().item() if len(at) > 1 else float("nan")
-        best[m] = (at[0]["trainable"], losses.mean().item())
-        lines.append(f"| {m} | {lr:g} | {len(at)} | {at[0]['trainable']:,} | {losses.mean():.4f} ± {sd:.4f} | "
-                     f"{sum(r['test_accuracy'] for r in at) / len(at):.3f} |")
-    with open(os.path.join(args.results, "table.md"), "w") as f:
+        loss = torch.tensor([r["test_loss"] for r in at])
+        sd = f"{loss.std().item():.4f}" if len(at) > 1 else "n/a"
+        best[m] = (at[0]["trainable"], loss.mean().item())
+        cells = [m, f"{lr:g}", str(len(at)), f"{at[0]['trainable']:,}", f"{loss.mean():.4f} ± {sd}"]
+        cells += [f"{sum(r['test_loss_per_task'][t] for r in at) / len(at):.4f}" for t in per_task]
+        cells += [f"{sum(r['accuracy'][a] for r in at) / len(at):.3f}" for a in accs]
+        lines.append("| " + " | ".join(cells) + " |")
+    with open(os.path.join(folder, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+    plot(args, folder, best, next((r for r in rows if r["method"] == "base"), None))
+
+
+def plot(args, folder, best, base):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -151,26 +254,33 @@ def table(args):
         plt.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=family)
         for n, l, m in pts:
             plt.annotate(m, (n, l), fontsize=6)
+    if base:
+        plt.axhline(base["test_loss"], color="gray", linestyle="--", linewidth=1, label="base (untrained)")
     plt.xscale("log")
     plt.xlabel("trainable parameters")
-    plt.ylabel("GSM8K test loss (NLL / response token)")
+    plt.ylabel(f"{args.study} test loss (NLL / response token)")
+    plt.title(f"{args.study}: best lr per method, mean over seeds")
     plt.legend()
     plt.tight_layout()
-    plt.savefig(os.path.join(args.results, "loss_vs_params.png"), dpi=120)
+    plt.savefig(os.path.join(folder, "loss_vs_params.png"), dpi=120)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--study", default="gsm8k", choices=STUDIES)
     p.add_argument("--plan", action="store_true", help="list the runs and which are done")
     p.add_argument("--table", action="store_true", help="only rebuild the table and plot")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
     p.add_argument("--lrs", default="2e-4,6e-4,2e-3", help="the learning-rate grid, the same for every method")
     p.add_argument("--seeds", default="1,2", help="extra seeds for the main comparison")
     p.add_argument("--model", default=train.EMBEDDED)
-    p.add_argument("--train-examples", type=int, default=2000, help="the first N GSM8K train examples")
-    p.add_argument("--val-examples", type=int, default=200, help="GSM8K train examples after those, for choosing lr")
-    p.add_argument("--test-examples", type=int, default=200, help="the first N GSM8K test problems")
+    p.add_argument("--train-examples", type=int, default=2000, help="training examples (multitask: of each task)")
+    p.add_argument("--val-examples", type=int, default=200, help="held-out examples per task for choosing lr")
+    p.add_argument("--test-examples", type=int, default=200, help="held-out test examples per task")
+    p.add_argument("--accuracy-examples", type=int, help="gsm8k: greedy accuracy on the first N test problems (default: --test-examples)")
+    p.add_argument("--mmlu-per-subject", type=int, default=5, help="multitask: zero-shot MMLU, first N of each of 57 subjects")
+    p.add_argument("--csqa-examples", type=int, default=300, help="multitask: first N CommonsenseQA validation questions")
     p.add_argument("--epochs", type=float, default=1)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--micro-batch-size", type=int, default=8)
@@ -187,13 +297,18 @@ def main(argv=None):
         p.error(f"unknown method(s) {unknown}; known: {list(METHODS)}")
     args.lrs = [float(x) for x in args.lrs.split(",")]
     args.seeds = [int(x) for x in args.seeds.split(",") if x]
+    args.accuracy_examples = args.accuracy_examples or args.test_examples
     if args.table:
         return table(args)
     if args.plan:
         for name, *_ in plan(args):
             print(("done  " if done(args, name) else "todo  ") + name)
         return
-    while True:                       # the seed runs appear in the plan once their lr search is done
+    try:
+        splits(args)                  # a missing or too small data set fails here, before any run
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    while True:
         todo = [r for r in plan(args) if not done(args, r[0])]
         if not todo:
             break

@@ -238,22 +238,56 @@ def test_cluster_rows_finds_groups_and_nearest_rows():
         assert set(j.tolist()) == set(members[d.argsort()[:12]].tolist())
 
 
-def test_cluster_rows_matches_constrained_kmeans_and_is_seeded():
-    """On unstructured rows: refit the same KMeansConstrained and check every cluster has >= r
-    rows, and each J_i is the r rows of cluster i nearest its centre."""
+def library_assignment_cost(X, C, size_min):
+    """Total distance of k-means-constrained's own constrained assignment to fixed centres."""
+    from k_means_constrained.k_means_constrained_ import _labels_constrained
+    D = torch.cdist(X.double(), C.double())
+    labels = _labels_constrained(X.double().numpy(), C.double().numpy(), size_min, len(X),
+                                 np.zeros(len(X)))[0]
+    return D[torch.arange(len(X)), torch.from_numpy(labels).long()].sum().item()
+
+
+def test_constrained_kmeans_keeps_sizes_and_matches_the_library():
+    """One dense group plus three outliers: plain k-means would give clusters of 1 row. Every
+    cluster must keep >= size_min rows, the labels must be the optimal constrained assignment
+    for the returned centres (the library's min-cost flow gives the same total distance), the
+    centres must be their members' means, and the fit as good as KMeansConstrained's."""
     from k_means_constrained import KMeansConstrained
+    g = torch.Generator().manual_seed(0)
+    X = torch.cat([torch.randn(97, 8, generator=g), 50 * torch.eye(8)[:3]])      # 3 far, apart
+    plain = idlora.constrained_kmeans(X, 4, size_min=1, max_iter=100)[0]
+    assert sorted(torch.bincount(plain, minlength=4).tolist()) == [1, 1, 1, 97]   # degenerate
+    labels, C = idlora.constrained_kmeans(X, 4, size_min=20, max_iter=100)
+    sizes = torch.bincount(labels, minlength=4)
+    assert sizes.min() >= 20 and sizes.sum() == 100
+    D = torch.cdist(X.double(), C.double())
+    ours = D[torch.arange(100), labels].sum().item()
+    assert ours == pytest.approx(library_assignment_cost(X, C, 20), rel=1e-4)
+    means = torch.stack([X[labels == i].mean(0) for i in range(4)])
+    assert torch.allclose(C, means, atol=1e-4)                        # converged: centre = mean
+
+    W = torch.randn(300, 16, generator=g)                             # unstructured rows
+    inertia = lambda lab: sum(((W[lab == i] - W[lab == i].mean(0)) ** 2).sum().item() for i in range(4))
+    for seed in range(3):
+        ours = inertia(idlora.constrained_kmeans(W, 4, 60, seed=seed)[0])
+        km = KMeansConstrained(n_clusters=4, size_min=60, n_init=1, max_iter=20, random_state=seed).fit(W.numpy())
+        assert ours <= 1.02 * inertia(torch.from_numpy(km.labels_).long())
+
+
+def test_cluster_rows_takes_the_r_nearest_rows_and_is_seeded():
     torch.manual_seed(0)
     W = torch.randn(100, 8)
     J = cluster_rows(W, k=4, r=20, seed=3)
-    km = KMeansConstrained(n_clusters=4, size_min=20, n_init=1, max_iter=20, random_state=3).fit(W.numpy())
-    assert np.bincount(km.labels_).min() >= 20
+    labels, C = idlora.constrained_kmeans(W, 4, 20, seed=3)
+    assert torch.bincount(labels).min() >= 20
     for j in J:
-        label = km.labels_[j[0]]
-        assert (km.labels_[j] == label).all()
-        members = np.nonzero(km.labels_ == label)[0]
-        d = np.linalg.norm(W.numpy()[members] - km.cluster_centers_[label], axis=1)
-        assert set(j.tolist()) == set(members[np.argsort(d, kind="stable")[:20]].tolist())
+        label = labels[j[0]]
+        assert (labels[j] == label).all()
+        members = torch.nonzero(labels == label).squeeze(1)
+        d = (W[members] - C[label]).norm(dim=1)
+        assert j.tolist() == members[d.argsort(stable=True)[:20]].tolist()     # nearest first
     assert torch.equal(J, cluster_rows(W, k=4, r=20, seed=3))
+    assert not torch.equal(J, cluster_rows(W, k=4, r=20, seed=4))
 
 
 def test_serial_and_random_selection():

@@ -1,9 +1,11 @@
-"""Tests of reproduce.py on a tiny random LLaMA and tiny GSM8K files: the grid runs, the best
-learning rate gets the extra seeds, a second call runs nothing, and the table is rebuilt.
+"""Tests of reproduce.py on a tiny random LLaMA and tiny data files: each study's grid runs, the
+best learning rate gets the extra seeds, a second call runs nothing, the table is rebuilt, and
+the multitask held-out sets never overlap its training mix.
 
     pytest test_reproduce.py
 """
 
+import argparse
 import json
 import os
 
@@ -12,36 +14,93 @@ import pytest
 import reproduce
 
 
+def write_json_lines(path, records):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
 @pytest.fixture
-def gsm8k_both(tmp_path):
-    os.makedirs(tmp_path / "data" / "gsm8k")
+def tiny_data(tmp_path):
+    """GSM8K train 16 / test 4, CodeAlpaca 12 and Saferpaca 12 (distinct texts), in --data-dir layout."""
+    root = tmp_path / "data"
     for split, n in (("train", 16), ("test", 4)):
-        with open(tmp_path / "data" / "gsm8k" / f"{split}.jsonl", "w") as f:
-            for i in range(n):
-                f.write(json.dumps({"question": f"What is {i} plus {i}?", "answer": f"{i}+{i}={2 * i}\n#### {2 * i}"}) + "\n")
-    return str(tmp_path / "data")
+        write_json_lines(str(root / "gsm8k" / f"{split}.jsonl"),
+                         [{"question": f"What is {i} plus {i} ({split})?", "answer": f"{i}+{i}={2 * i}\n#### {2 * i}"}
+                          for i in range(n)])
+    os.makedirs(root / "codealpaca")
+    json.dump([{"instruction": f"Write code {i}", "input": "", "output": f"print({i})"} for i in range(12)],
+              open(root / "codealpaca" / "code_alpaca_2k.json", "w"))
+    os.makedirs(root / "saferpaca")
+    json.dump([{"instruction": f"Harmful request {i}", "input": "", "output": f"I cannot help with {i}."}
+               for i in range(12)], open(root / "saferpaca" / "safety_only_data_Instructions.json", "w"))
+    return str(root)
 
 
-def test_grid_resumes_and_tabulates(tmp_path, tiny_model_dir, gsm8k_both, monkeypatch):
-    argv = ["--methods", "idlora-r128-k4,lora-r8", "--lrs", "1e-2,5e-2", "--seeds", "1", "--model", tiny_model_dir,
-            "--data-dir", gsm8k_both, "--train-examples", "8", "--val-examples", "4", "--test-examples", "2",
-            "--batch-size", "4", "--micro-batch-size", "4", "--max-len", "48", "--max-new-tokens", "16",
+def common(tmp_path, tiny_model_dir, data_dir):
+    return ["--lrs", "1e-2,5e-2", "--seeds", "1", "--model", tiny_model_dir, "--data-dir", data_dir,
+            "--batch-size", "4", "--micro-batch-size", "2", "--max-len", "48",
             "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
+
+
+def results(tmp_path, study):
+    folder = tmp_path / "results" / study
+    return {f[:-5]: json.load(open(folder / f)) for f in os.listdir(folder) if f.endswith(".json")}
+
+
+def test_gsm8k_grid_resumes_and_tabulates(tmp_path, tiny_model_dir, tiny_data, monkeypatch):
+    argv = common(tmp_path, tiny_model_dir, tiny_data) + [
+        "--study", "gsm8k", "--methods", "idlora-r128-k4,lora-r8", "--train-examples", "8", "--val-examples", "4",
+        "--test-examples", "3", "--accuracy-examples", "2", "--max-new-tokens", "8"]
     reproduce.main(argv)
-    results = sorted(os.listdir(tmp_path / "results"))
-    rows = {f[:-5]: json.load(open(tmp_path / "results" / f)) for f in results if f.endswith(".json")}
-    # the lr grid for both methods, then seed 1 for the main-comparison method at its best lr
+    rows = results(tmp_path, "gsm8k")
+    # the base model, the lr grid for both methods, then seed 1 for the main-comparison method at its best lr
     best = min((rows[f"idlora-r128-k4_lr{lr}_s0"] for lr in ("0.01", "0.05")), key=lambda r: r["val_loss"])["lr"]
-    assert set(rows) == {"idlora-r128-k4_lr0.01_s0", "idlora-r128-k4_lr0.05_s0", "lora-r8_lr0.01_s0",
+    assert set(rows) == {"base", "idlora-r128-k4_lr0.01_s0", "idlora-r128-k4_lr0.05_s0", "lora-r8_lr0.01_s0",
                          "lora-r8_lr0.05_s0", f"idlora-r128-k4_lr{best:g}_s1"}
     r = rows["lora-r8_lr0.05_s0"]
-    assert r["steps"] == 2 and r["trainable"] > 0 and r["test_loss"] > 0 and 0 <= r["test_accuracy"] <= 1
-    assert "table.md" in results and "loss_vs_params.png" in results
-    table = open(tmp_path / "results" / "table.md").read()
-    assert "| idlora-r128-k4 | " in table and "| 2 | " in table          # best lr, 2 seeds
+    assert r["steps"] == 2 and r["trainable"] > 0 and r["test_examples"] == {"gsm8k": 3}
+    assert 0 <= r["accuracy"]["gsm8k"] <= 1 and r["accuracy_examples"] == 2
+    assert rows["base"]["trainable"] == 0 and rows["base"]["steps"] == 0
+    assert r["test_loss"] != rows["base"]["test_loss"]                   # training moved the loss
+    files = os.listdir(tmp_path / "results" / "gsm8k")
+    assert "table.md" in files and "loss_vs_params.png" in files
+    table = open(tmp_path / "results" / "gsm8k" / "table.md").read()
+    assert f"| idlora-r128-k4 | {best:g} | 2 | " in table                 # best lr, 2 seeds
 
     def no_training(*a, **kw):
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(reproduce.train, "main", no_training)
     reproduce.main(argv)                                                 # everything done: nothing runs
+
+
+def test_multitask_mix_is_disjoint_from_its_held_out_sets(tmp_path, tiny_model_dir, tiny_data):
+    argv = common(tmp_path, tiny_model_dir, tiny_data) + [
+        "--study", "multitask", "--methods", "lora-r8", "--lrs", "1e-2", "--train-examples", "4",
+        "--val-examples", "3", "--test-examples", "3", "--mmlu-per-subject", "1", "--csqa-examples", "4"]
+    reproduce.main(argv)
+    mix = [json.loads(l) for l in open(tmp_path / "runs" / "multitask" / "train.jsonl")]
+    assert len(mix) == 12                                                # 4 of each task
+    args = argparse.Namespace(
+        study="multitask", train_examples=4, val_examples=3, test_examples=3, data_dir=tiny_data)
+    train_set, val, test = reproduce.splits(args)
+    assert train_set == mix
+    key = lambda r: r.get("question") or r["instruction"]
+    trained = {key(r) for r in mix}
+    for task in ("gsm8k", "code", "safety"):
+        assert len(val[task]) == 3 and len(test[task]) == 3
+        assert not trained & {key(r) for r in val[task] + test[task]}
+        assert not {key(r) for r in val[task]} & {key(r) for r in test[task]}
+    r = results(tmp_path, "multitask")["lora-r8_lr0.01_s0"]
+    assert set(r["test_loss_per_task"]) == {"gsm8k", "code", "safety"}
+    assert r["test_loss"] == pytest.approx(sum(r["test_loss_per_task"].values()) / 3)
+    assert set(r["accuracy"]) == {"mmlu", "csqa"} and r["steps"] == 3   # 12 examples / batch 4
+    assert "| base | 0 |" in open(tmp_path / "results" / "multitask" / "table.md").read()
+
+
+def test_too_little_data_is_a_clear_error(tmp_path, tiny_model_dir, tiny_data):
+    argv = common(tmp_path, tiny_model_dir, tiny_data) + [
+        "--study", "multitask", "--train-examples", "10", "--val-examples", "3", "--test-examples", "3"]
+    with pytest.raises(SystemExit, match="codealpaca has 12 examples"):
+        reproduce.main(argv)

@@ -65,7 +65,8 @@ def test_heldout_loss_is_mean_response_nll(tok):
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1))
-    pairs = [(train.format_prompt(f"q{i}"), "a" * (i + 1)) for i in range(5)]
+    # prompts of different lengths: the logits kept start at the earliest response in a batch
+    pairs = [(train.format_prompt(f"q{i}" + " more" * (3 * i % 5)), "a" * (i + 1)) for i in range(5)]
     got = train.heldout_loss(model, tok, pairs, batch_size=2)
     # one example at a time, by hand: logits of each response token given everything before it
     total, n = 0.0, 0
@@ -77,6 +78,16 @@ def test_heldout_loss_is_mean_response_nll(tok):
                 total -= logp[t, labels[t + 1]].item()
                 n += 1
     assert got == pytest.approx(total / n, rel=1e-5)
+
+
+def test_train_file_replaces_the_task_data(tmp_path, tiny_model_dir, gsm8k_dir):
+    path = tmp_path / "mix.jsonl"
+    records = [{"instruction": f"Say {i}", "output": str(i)} for i in range(6)] + \
+              [{"question": "What is 1 plus 1?", "answer": "#### 2"}] * 2
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = run(tmp_path, tiny_model_dir, gsm8k_dir, "--train-file", str(path), "--batch-size", "4", "--epochs", "1")
+    assert [r["step"] for r in metrics(out)] == [1, 2]                  # 8 records, not gsm8k's 16
+    assert train.read_jsonl(str(path))[0] == {"input": "", "instruction": "Say 0", "output": "0"}
 
 
 def test_multitask_mix_proportions(monkeypatch):
@@ -196,6 +207,11 @@ def test_clear_errors(tmp_path, tiny_model_dir, gsm8k_dir):
         run(tmp_path / "new", tiny_model_dir, gsm8k_dir, "--resume")
     with pytest.raises(SystemExit):
         train.parse_args(["--task", "math"])
+    with pytest.raises(SystemExit, match=r"error: no such file: .*nothing.jsonl"):
+        run(tmp_path, tiny_model_dir, gsm8k_dir, "--train-file", str(tmp_path / "nothing.jsonl"))
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x", "completion": "y"}\n')
+    with pytest.raises(SystemExit, match=r"error: .*bad.jsonl: record 1 has neither question/answer nor instruction/output"):
+        run(tmp_path, tiny_model_dir, gsm8k_dir, "--train-file", str(tmp_path / "bad.jsonl"))
 
 
 # -----------------------------------------------------------------------------

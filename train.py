@@ -172,6 +172,16 @@ def task_records(task, data_dir=None, seed=0):
     raise ValueError(f"unknown task {task!r}; choose from {sorted(TASK_LR)}")
 
 
+def read_jsonl(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    records = [json.loads(line) for line in open(path) if line.strip()]
+    bad = [i for i, r in enumerate(records) if not ({"question", "answer"} <= r.keys() or {"instruction", "output"} <= r.keys())]
+    if bad:
+        raise ValueError(f"{path}: record {bad[0] + 1} has neither question/answer nor instruction/output")
+    return [r if "question" in r else {"input": ""} | r for r in records]
+
+
 def encode(tok, prompt, response, max_len):
     """input_ids = prompt + response + eos, labels = -100 on the prompt. Prompt and response are
     tokenized separately so the boundary is exact and eval.py's generation prompt is the same
@@ -200,10 +210,15 @@ def epoch_order(n, seed, epoch):
 
 
 def response_loss_sum(model, ids, labels, mask):
-    """Summed next-token cross-entropy over response tokens (float32 logits)."""
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
-                           reduction="sum")
+    """Summed next-token cross-entropy over response tokens (float32 logits). Logits are made
+    only from the first position that predicts a response token in any row (logits_to_keep):
+    the prompt positions before it enter no loss, and over a 128k vocabulary (LLaMA-3) their
+    logits would be the largest tensors of the step."""
+    first = int((labels != -100).int().argmax(1).min())       # first response position of any row
+    keep = ids.shape[1] - max(first - 1, 0)                    # positions first-1 .. T-1
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits[:, :-1]
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, -keep + 1:].flatten(),
+                           ignore_index=-100, reduction="sum")
 
 
 @torch.no_grad()
@@ -213,7 +228,8 @@ def heldout_loss(model, tok, pairs, max_len=512, batch_size=8, device="cpu"):
     the metric that still separates methods."""
     was_training = model.training
     model.eval()
-    examples = [encode(tok, p, r, max_len) for p, r in pairs]
+    # Sorted by length, so a batch pads little (the sum does not depend on the order).
+    examples = sorted((encode(tok, p, r, max_len) for p, r in pairs), key=lambda e: len(e[0]))
     total, n = 0.0, 0
     for i in tqdm(range(0, len(examples), batch_size), desc="held-out loss", leave=False):
         ids, labels, mask = (t.to(device) for t in collate(examples[i:i + batch_size], tok.pad_token_id))
@@ -287,6 +303,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, help=f"default per task (paper): {TASK_LR}")
     p.add_argument("--epochs", type=float, help=f"default per task (paper): {TASK_EPOCHS}")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (the schedule decays over them)")
+    p.add_argument("--train-file", help="train on this JSONL instead of --task's data (records with question/answer or "
+                                        "instruction/input/output; --task still sets the default lr and epochs)")
     p.add_argument("--max-examples", type=int, help="train on the first N examples only")
     p.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step")
     p.add_argument("--micro-batch-size", type=int, default=4, help="examples per forward/backward")
@@ -346,7 +364,8 @@ def train(args):
         raise FileNotFoundError(f"--resume: no checkpoint (state.pt) in {out}")
     if not args.resume and os.path.exists(os.path.join(out, "state.pt")):
         raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or another --output-dir")
-    records = task_records(args.task, args.data_dir, args.seed)[: args.max_examples]
+    records = read_jsonl(args.train_file) if args.train_file else task_records(args.task, args.data_dir, args.seed)
+    records = records[: args.max_examples]
     model, tok = build_model(args)
 
     examples = [encode(tok, *to_pair(r), args.max_len) for r in records]
