@@ -35,7 +35,7 @@ Sections (--only, comma-separated; default all):
              through idlora.row_indices with 1 and N processes
     cache    a second apply_idlora on LLaMA-3-8B: row_indices over 224 cached entries, with the
              weight fingerprint computed on real-size bf16 tensors (built one layer at a time)
-    kmeans   how much the selected rows change with KMeansConstrained's n_init / max_iter / seed,
+    kmeans   how much the selected rows change with PMRC's n_init / max_iter / seed,
              on the real weights of --model's layers, and what each setting costs
 
 On a CPU the model runs in float32 (bf16 matmuls are ~18x slower on CPUs without bf16
