@@ -140,7 +140,7 @@ def train_run(args, out, method, lr, seed, records):
     argv = ["--task", args.study, "--model", args.model, "--epochs", str(args.epochs), "--lr", str(lr),
             "--seed", str(seed), "--max-len", str(args.max_len), "--batch-size", str(args.batch_size),
             "--micro-batch-size", str(args.micro_batch_size), "--output-dir", out, "--device", args.device,
-            "--save-every", "20", "--no-grad-ckpt"]
+            "--save-every", "5", "--no-grad-ckpt"]
     if args.study == "gsm8k":
         argv += ["--max-examples", str(args.train_examples)]
     else:
