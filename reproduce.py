@@ -241,26 +241,36 @@ def table(args):
     with open(os.path.join(folder, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(args, folder, best, next((r for r in rows if r["method"] == "base"), None))
+    plot(args, folder, rows, best)
 
 
-def plot(args, folder, best, base):
+def plot(args, folder, rows, best):
+    """Every trained run faint (one point per lr and seed), each method's best lr bold (the
+    mean over its seeds), the untrained base as a dashed line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    trained = [r for r in rows if r["method"] != "base"]
+    if not trained:
+        return
     plt.figure(figsize=(6, 4))
-    for family, marker in (("lora", "o"), ("idlora", "s")):
+    for family, marker, colour in (("lora", "o", "tab:blue"), ("idlora", "s", "tab:orange")):
+        runs = [r for r in trained if r["method"].startswith(family + "-")]
+        plt.scatter([r["trainable"] for r in runs], [r["test_loss"] for r in runs], marker=marker,
+                    color=colour, alpha=0.3, s=15, label=f"{family}: every run")
         pts = sorted((n, l, m) for m, (n, l) in best.items() if m.startswith(family + "-"))
-        plt.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=family)
+        plt.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=colour, s=50,
+                    label=f"{family}: best lr, mean over seeds")
         for n, l, m in pts:
             plt.annotate(m, (n, l), fontsize=6)
+    base = next((r for r in rows if r["method"] == "base"), None)
     if base:
         plt.axhline(base["test_loss"], color="gray", linestyle="--", linewidth=1, label="base (untrained)")
     plt.xscale("log")
     plt.xlabel("trainable parameters")
     plt.ylabel(f"{args.study} test loss (NLL / response token)")
-    plt.title(f"{args.study}: best lr per method, mean over seeds")
-    plt.legend()
+    plt.title(f"{args.study}: held-out loss against trainable parameters")
+    plt.legend(fontsize=7)
     plt.tight_layout()
     plt.savefig(os.path.join(folder, "loss_vs_params.png"), dpi=120)
 

@@ -104,3 +104,16 @@ def test_too_little_data_is_a_clear_error(tmp_path, tiny_model_dir, tiny_data):
         "--study", "multitask", "--train-examples", "10", "--val-examples", "3", "--test-examples", "3"]
     with pytest.raises(SystemExit, match="codealpaca has 12 examples"):
         reproduce.main(argv)
+
+
+def test_table_and_plot_from_a_partial_grid(tmp_path):
+    """Mid-grid (no method has every lr yet) the table lists the runs and the plot is drawn."""
+    folder = tmp_path / "results" / "gsm8k"
+    folder.mkdir(parents=True)
+    for run, method, lr, n, loss in (("base", "base", 0.0, 0, 1.4), ("lora-r16_lr0.0002_s0", "lora-r16", 2e-4, 10, 1.1)):
+        json.dump(dict(run=run, method=method, lr=lr, trainable=n, val_loss=loss, test_loss=loss,
+                       test_loss_per_task={"gsm8k": loss}, accuracy={"gsm8k": 0.0}), open(folder / f"{run}.json", "w"))
+    reproduce.main(["--study", "gsm8k", "--table", "--results", str(tmp_path / "results")])
+    table = open(folder / "table.md").read()
+    assert "| lora-r16_lr0.0002_s0 | 10 | 1.1000 | 1.1000 | 0.000 |" in table
+    assert os.path.getsize(folder / "loss_vs_params.png") > 0
