@@ -116,13 +116,13 @@ def splits(args):
 
 
 def train_file(args, records):
-    """The multitask mix as one JSONL file for train.py --train-file (written once)."""
+    """The multitask mix as one JSONL file for train.py --train-file. Rewritten for every run,
+    so a rerun with other --train-examples never trains on a stale mix."""
     path = os.path.join(args.runs, args.study, "train.jsonl")
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        os.replace(path + ".tmp", path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(path + ".tmp", path)
     return path
 
 
@@ -158,21 +158,19 @@ def scores(args, out, adapter):
     common = ["--model", args.model, "--device", args.device, "--output-dir", os.path.join(out, "eval")]
     common += (["--adapter", out] if adapter else []) + (["--data-dir", args.data_dir] if args.data_dir else [])
     if args.study == "gsm8k":
-        tasks = {"gsm8k": ["--limit", str(args.accuracy_examples), "--max-new-tokens", str(args.max_new_tokens)]}
+        tasks = {"gsm8k": (args.accuracy_examples, ["--max-new-tokens", str(args.max_new_tokens)])}
     else:
-        tasks = {"mmlu": ["--limit", str(args.mmlu_per_subject), "--shots", "0"],
-                 "csqa": ["--limit", str(args.csqa_examples)]}
+        tasks = {"mmlu": (args.mmlu_per_subject, ["--shots", "0"]), "csqa": (args.csqa_examples, [])}
     acc = {}
-    for task, extra in tasks.items():
-        evaluate.main(["--task", task] + common + extra)
-        path = os.path.join(out, "eval", f"{task}-limit{extra[1]}.json")
+    for task, (limit, extra) in tasks.items():
+        evaluate.main(["--task", task, "--limit", str(limit)] + common + extra)
+        path = os.path.join(out, "eval", f"{task}-limit{limit}.json")      # eval.py's name for a --limit run
         acc[task] = json.load(open(path))["metrics"]["accuracy"]
     return acc
 
 
-def one_run(args, name, method, lr, seed):
+def one_run(args, name, method, lr, seed, records, val, test):
     out = os.path.join(args.runs, args.study, name)
-    records, val, test = splits(args)
     t0 = time.time()
     if method != "base":
         train_run(args, out, method, lr, seed, records)
@@ -315,14 +313,14 @@ def main(argv=None):
             print(("done  " if done(args, name) else "todo  ") + name)
         return
     try:
-        splits(args)                  # a missing or too small data set fails here, before any run
+        data_splits = splits(args)    # a missing or too small data set fails here, before any run
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     while True:
         todo = [r for r in plan(args) if not done(args, r[0])]
         if not todo:
             break
-        one_run(args, *todo[0])
+        one_run(args, *todo[0], *data_splits)
     table(args)
 
 

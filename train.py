@@ -179,7 +179,7 @@ def read_jsonl(path):
     bad = [i for i, r in enumerate(records) if not ({"question", "answer"} <= r.keys() or {"instruction", "output"} <= r.keys())]
     if bad:
         raise ValueError(f"{path}: record {bad[0] + 1} has neither question/answer nor instruction/output")
-    return [r if "question" in r else {"input": ""} | r for r in records]
+    return [r if "question" in r else data._instruction(r) for r in records]   # data's own schema
 
 
 def encode(tok, prompt, response, max_len):
