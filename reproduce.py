@@ -19,7 +19,8 @@ The protocol, per study:
   1. learning-rate search: every --lrs x every method, seed 0 (lr by lr, so a partial grid
      still compares methods at the same lr);
   2. the best lr per method is the one with the lowest validation loss, on held-out examples that
-     no run trains on and that are not the test examples;
+     no run trains on and that are not the test examples; if it is at an edge of the grid, that
+     method's grid grows by half a decade past the edge (--lr-extensions), the same rule for all;
   3. the main comparison (ID-LoRA r=128 vs LoRA r=16 and r=32) runs again at its best lr with
      --seeds; the table gives the mean and spread over every seed at the best lr.
 Resumable: a finished run (results/<study>/<run>.json exists) is skipped, a half-finished one
@@ -71,21 +72,38 @@ def done(args, name):
     return os.path.exists(result_path(args, name))
 
 
-def best_lr(args, method):
-    """The lr of seed 0 with the lowest validation loss, once every lr of the grid has a result."""
-    rows = [json.load(open(result_path(args, run_name(method, lr, 0)))) for lr in args.lrs
-            if done(args, run_name(method, lr, 0))]
-    if len(rows) < len(args.lrs):
-        return None
-    return min(rows, key=lambda r: r["val_loss"])["lr"]
+LR_STEP = 10 ** 0.5      # one grid step past an edge: half a decade (2e-4 -> 6e-5, 2e-3 -> 6e-3)
+
+
+def lr_search(args, method):
+    """(grid, best): the lrs searched for `method` at seed 0, and the one with the lowest validation
+    loss (None until every lr of the grid has a result). The search starts from --lrs; while the
+    best lr sits at an edge of the grid, the grid grows by one step past that edge (at most
+    --lr-extensions steps per edge), so no method's optimum is one the grid happened to cut off.
+    One rule for every method; a grid of a single lr is taken as given."""
+    grid = sorted(args.lrs)
+    while True:
+        if not all(done(args, run_name(method, lr, 0)) for lr in grid):
+            return grid, None
+        val = {lr: json.load(open(result_path(args, run_name(method, lr, 0))))["val_loss"] for lr in grid}
+        best = min(grid, key=val.get)
+        if len(grid) > 1 and best == grid[0] and sum(lr < min(args.lrs) for lr in grid) < args.lr_extensions:
+            grid.insert(0, float(f"{grid[0] / LR_STEP:.0e}"))
+        elif len(grid) > 1 and best == grid[-1] and sum(lr > max(args.lrs) for lr in grid) < args.lr_extensions:
+            grid.append(float(f"{grid[-1] * LR_STEP:.0e}"))
+        else:
+            return grid, best
 
 
 def plan(args):
-    """[(name, method, lr, seed)] in run order: the base model, the lr search, then the extra
-    seeds (which appear once their method's lr search is complete)."""
+    """[(name, method, lr, seed)] in run order: the base model, the lr grid (lr by lr, so a
+    partial grid still compares methods at the same lr), any lr past an edge (see lr_search), then
+    the extra seeds (which appear once their method's lr search is complete)."""
     runs = [("base", "base", 0.0, 0)] + [(run_name(m, lr, 0), m, lr, 0) for lr in args.lrs for m in args.methods]
+    search = {m: lr_search(args, m) for m in args.methods}
+    runs += [(run_name(m, lr, 0), m, lr, 0) for m, (grid, _) in search.items() for lr in grid if lr not in args.lrs]
     for m in (m for m in MAIN if m in args.methods):
-        lr = best_lr(args, m)
+        lr = search[m][1]
         runs += [(run_name(m, lr, s), m, lr, s) for s in args.seeds if lr is not None]
     return runs
 
@@ -220,19 +238,19 @@ def table(args):
         cells = [r["run"], f"{r['trainable']:,}", f"{r['val_loss']:.4f}", f"{r['test_loss']:.4f}"]
         cells += [f"{r['test_loss_per_task'][t]:.4f}" for t in per_task] + [f"{r['accuracy'][a]:.3f}" for a in accs]
         lines.append("| " + " | ".join(cells) + " |")
-    head = ["method", "best lr", "seeds", "trainable", "test loss (mean ± sd)"] + \
+    head = ["method", "lrs searched", "best lr", "seeds", "trainable", "test loss (mean ± sd)"] + \
            [f"{t} loss" for t in per_task] + [f"{a} acc (mean)" for a in accs]
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     best = {}
     for m in METHODS:
-        lr = best_lr(args, m)
+        grid, lr = lr_search(args, m)
         at = [r for r in rows if r["method"] == m and r["lr"] == lr]
         if lr is None or not at:
             continue
         loss = torch.tensor([r["test_loss"] for r in at])
         sd = f"{loss.std().item():.4f}" if len(at) > 1 else "n/a"
         best[m] = (at[0]["trainable"], loss.mean().item())
-        cells = [m, f"{lr:g}", str(len(at)), f"{at[0]['trainable']:,}", f"{loss.mean():.4f} ± {sd}"]
+        cells = [m, ", ".join(f"{x:g}" for x in grid), f"{lr:g}", str(len(at)), f"{at[0]['trainable']:,}", f"{loss.mean():.4f} ± {sd}"]
         cells += [f"{sum(r['test_loss_per_task'][t] for r in at) / len(at):.4f}" for t in per_task]
         cells += [f"{sum(r['accuracy'][a] for r in at) / len(at):.3f}" for a in accs]
         lines.append("| " + " | ".join(cells) + " |")
@@ -280,7 +298,9 @@ def main(argv=None):
     p.add_argument("--plan", action="store_true", help="list the runs and which are done")
     p.add_argument("--table", action="store_true", help="only rebuild the table and plot")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
-    p.add_argument("--lrs", default="2e-4,6e-4,2e-3", help="the learning-rate grid, the same for every method")
+    p.add_argument("--lrs", default="2e-4,6e-4,2e-3", help="the learning-rate grid to start from, the same for every method")
+    p.add_argument("--lr-extensions", type=int, default=2,
+                   help="most grid steps added past each edge while a method's best lr sits there")
     p.add_argument("--seeds", default="1,2", help="extra seeds for the main comparison")
     p.add_argument("--model", default=train.EMBEDDED)
     p.add_argument("--train-examples", type=int, default=2000, help="training examples (multitask: of each task)")

@@ -51,7 +51,7 @@ def results(tmp_path, study):
 def test_gsm8k_grid_resumes_and_tabulates(tmp_path, tiny_model_dir, tiny_data, monkeypatch):
     argv = common(tmp_path, tiny_model_dir, tiny_data) + [
         "--study", "gsm8k", "--methods", "idlora-r128-k4,lora-r8", "--train-examples", "8", "--val-examples", "4",
-        "--test-examples", "3", "--accuracy-examples", "2", "--max-new-tokens", "8"]
+        "--test-examples", "3", "--accuracy-examples", "2", "--max-new-tokens", "8", "--lr-extensions", "0"]
     reproduce.main(argv)
     rows = results(tmp_path, "gsm8k")
     # the base model, the lr grid for both methods, then seed 1 for the main-comparison method at its best lr
@@ -66,13 +66,43 @@ def test_gsm8k_grid_resumes_and_tabulates(tmp_path, tiny_model_dir, tiny_data, m
     files = os.listdir(tmp_path / "results" / "gsm8k")
     assert "table.md" in files and "loss_vs_params.png" in files
     table = open(tmp_path / "results" / "gsm8k" / "table.md").read()
-    assert f"| idlora-r128-k4 | {best:g} | 2 | " in table                 # best lr, 2 seeds
+    assert f"| idlora-r128-k4 | 0.01, 0.05 | {best:g} | 2 | " in table                 # best lr, 2 seeds
 
     def no_training(*a, **kw):
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(reproduce.train, "main", no_training)
     reproduce.main(argv)                                                 # everything done: nothing runs
+
+
+def test_lr_search_grows_the_grid_past_an_edge_until_the_best_is_inside(tmp_path):
+    """The lr search rule on recorded validation losses: a best lr at the grid's lower edge adds
+    6e-5 below 2e-4, a best at the upper edge adds 6e-3 above 2e-3, at most --lr-extensions steps
+    per edge; the extra seeds wait until the search is complete."""
+    args = argparse.Namespace(study="gsm8k", results=str(tmp_path), lrs=[2e-4, 6e-4, 2e-3], lr_extensions=2,
+                              methods=["idlora-r128-k4", "lora-r16"], seeds=[1])
+    os.makedirs(tmp_path / "gsm8k")
+
+    def record(method, lr, val_loss):
+        json.dump({"val_loss": val_loss, "lr": lr}, open(reproduce.result_path(args, reproduce.run_name(method, lr, 0)), "w"))
+
+    todo = lambda: [name for name, *_ in reproduce.plan(args) if not reproduce.done(args, name)]
+    for lr, val in ((2e-4, 0.80), (6e-4, 0.81), (2e-3, 0.95)):          # ID-LoRA: best at the lower edge
+        record("idlora-r128-k4", lr, val)
+    for lr, val in ((2e-4, 1.04), (6e-4, 0.88), (2e-3, 0.85)):          # LoRA: best at the upper edge
+        record("lora-r16", lr, val)
+    assert reproduce.lr_search(args, "idlora-r128-k4") == ([6e-5, 2e-4, 6e-4, 2e-3], None)
+    assert reproduce.lr_search(args, "lora-r16") == ([2e-4, 6e-4, 2e-3, 6e-3], None)
+    assert todo() == ["base", "idlora-r128-k4_lr6e-05_s0", "lora-r16_lr0.006_s0"]    # no seeds yet
+    record("idlora-r128-k4", 6e-5, 0.79)                                 # still the edge: one more step
+    record("lora-r16", 6e-3, 0.90)                                       # worse: 2e-3 is inside now
+    assert reproduce.lr_search(args, "idlora-r128-k4") == ([2e-5, 6e-5, 2e-4, 6e-4, 2e-3], None)
+    assert reproduce.lr_search(args, "lora-r16") == ([2e-4, 6e-4, 2e-3, 6e-3], 2e-3)
+    assert todo() == ["base", "idlora-r128-k4_lr2e-05_s0", "lora-r16_lr0.002_s1"]
+    record("idlora-r128-k4", 2e-5, 0.78)                                 # edge again, but 2 steps is the limit
+    assert reproduce.lr_search(args, "idlora-r128-k4") == ([2e-5, 6e-5, 2e-4, 6e-4, 2e-3], 2e-5)
+    args.lr_extensions = 0                                               # no extension: the grid as given
+    assert reproduce.lr_search(args, "lora-r16") == ([2e-4, 6e-4, 2e-3], 2e-3)
 
 
 def test_multitask_mix_is_disjoint_from_its_held_out_sets(tmp_path, tiny_model_dir, tiny_data):
