@@ -98,13 +98,12 @@ def lr_search(args, method):
 def plan(args):
     """[(name, method, lr, seed)] in run order: the base model, the lr grid (lr by lr, so a
     partial grid still compares methods at the same lr), any lr past an edge (see lr_search), then
-    the extra seeds (which appear once their method's lr search is complete)."""
+    the extra seeds, seed by seed (a method's appear once its lr search is complete)."""
     runs = [("base", "base", 0.0, 0)] + [(run_name(m, lr, 0), m, lr, 0) for lr in args.lrs for m in args.methods]
     search = {m: lr_search(args, m) for m in args.methods}
     runs += [(run_name(m, lr, 0), m, lr, 0) for m, (grid, _) in search.items() for lr in grid if lr not in args.lrs]
-    for m in (m for m in MAIN if m in args.methods):
-        lr = search[m][1]
-        runs += [(run_name(m, lr, s), m, lr, s) for s in args.seeds if lr is not None]
+    main = [(m, search[m][1]) for m in MAIN if m in args.methods and search[m][1] is not None]
+    runs += [(run_name(m, lr, s), m, lr, s) for s in args.seeds for m, lr in main]   # seed by seed
     return runs
 
 

@@ -78,9 +78,9 @@ def test_gsm8k_grid_resumes_and_tabulates(tmp_path, tiny_model_dir, tiny_data, m
 def test_lr_search_grows_the_grid_past_an_edge_until_the_best_is_inside(tmp_path):
     """The lr search rule on recorded validation losses: a best lr at the grid's lower edge adds
     6e-5 below 2e-4, a best at the upper edge adds 6e-3 above 2e-3, at most --lr-extensions steps
-    per edge; the extra seeds wait until the search is complete."""
+    per edge; the extra seeds wait until the search is complete, then run seed by seed."""
     args = argparse.Namespace(study="gsm8k", results=str(tmp_path), lrs=[2e-4, 6e-4, 2e-3], lr_extensions=2,
-                              methods=["idlora-r128-k4", "lora-r16"], seeds=[1])
+                              methods=["idlora-r128-k4", "lora-r16"], seeds=[1, 2])
     os.makedirs(tmp_path / "gsm8k")
 
     def record(method, lr, val_loss):
@@ -98,9 +98,11 @@ def test_lr_search_grows_the_grid_past_an_edge_until_the_best_is_inside(tmp_path
     record("lora-r16", 6e-3, 0.90)                                       # worse: 2e-3 is inside now
     assert reproduce.lr_search(args, "idlora-r128-k4") == ([2e-5, 6e-5, 2e-4, 6e-4, 2e-3], None)
     assert reproduce.lr_search(args, "lora-r16") == ([2e-4, 6e-4, 2e-3, 6e-3], 2e-3)
-    assert todo() == ["base", "idlora-r128-k4_lr2e-05_s0", "lora-r16_lr0.002_s1"]
+    assert todo() == ["base", "idlora-r128-k4_lr2e-05_s0", "lora-r16_lr0.002_s1", "lora-r16_lr0.002_s2"]
     record("idlora-r128-k4", 2e-5, 0.78)                                 # edge again, but 2 steps is the limit
     assert reproduce.lr_search(args, "idlora-r128-k4") == ([2e-5, 6e-5, 2e-4, 6e-4, 2e-3], 2e-5)
+    assert todo() == ["base", "idlora-r128-k4_lr2e-05_s1", "lora-r16_lr0.002_s1",          # seed by seed
+                      "idlora-r128-k4_lr2e-05_s2", "lora-r16_lr0.002_s2"]
     args.lr_extensions = 0                                               # no extension: the grid as given
     assert reproduce.lr_search(args, "lora-r16") == ([2e-4, 6e-4, 2e-3], 2e-3)
 
