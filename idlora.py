@@ -317,8 +317,9 @@ def row_indices(layers, ranks, k, selection, seed, n_init, max_iter, cache_dir, 
         idx[name] = J
         if path is not None:
             os.makedirs(cache_dir, exist_ok=True)
-            torch.save(J, path + ".tmp")
-            os.replace(path + ".tmp", path)                # never leave a half-written entry
+            tmp = f"{path}.{os.getpid()}.tmp"            # own name: processes may share the cache
+            torch.save(J, tmp)
+            os.replace(tmp, path)                          # never leave a half-written entry
     return idx
 
 

@@ -24,7 +24,8 @@ The protocol, per study:
   3. the main comparison (ID-LoRA r=128 vs LoRA r=16 and r=32) runs again at its best lr with
      --seeds; the table gives the mean and spread over every seed at the best lr.
 Resumable: a finished run (results/<study>/<run>.json exists) is skipped, a half-finished one
-continues from its checkpoint. Runs go to runs/repro/<study>/<run>/ (adapters: not committed);
+continues from its checkpoint. Several processes can share the grid, each taking the next
+unclaimed run (on a CPU, e.g. two with OMP_NUM_THREADS=1 on 2 cores). Runs go to runs/repro/<study>/<run>/ (adapters: not committed);
 results/<study>/*.json are small and committed.
 """
 
@@ -107,6 +108,35 @@ def plan(args):
     return runs
 
 
+def claim_path(args, name):
+    return os.path.join(args.runs, args.study, f"{name}.claim")
+
+
+def claim(args, name):
+    """Take a run for this process, so several reproduce.py processes can share one grid (on a
+    CPU, two 1-thread processes did 1.34x the work of one 2-thread process). A claim whose process
+    has died is taken over."""
+    path = claim_path(args, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        pid = open(path).read()
+        if not pid:                                        # its owner is writing it right now
+            return False
+        try:
+            os.kill(int(pid), 0)                           # signal 0: only "does it exist?"
+        except ProcessLookupError:
+            os.remove(path)
+            return claim(args, name)
+        except PermissionError:                            # exists, another user's
+            pass
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
 # -----------------------------------------------------------------------------
 # The data of a study: train records, and held-out {task: records} for validation and test
 
@@ -132,11 +162,11 @@ def splits(args):
     return train_set, val, test
 
 
-def train_file(args, records):
-    """The multitask mix as one JSONL file for train.py --train-file. Rewritten for every run,
-    so a rerun with other --train-examples never trains on a stale mix."""
-    path = os.path.join(args.runs, args.study, "train.jsonl")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+def train_file(out, records):
+    """The multitask mix as one JSONL file for train.py --train-file, in the run's own folder and
+    rewritten for every run, so a rerun with other --train-examples never trains on a stale mix."""
+    path = os.path.join(out, "train.jsonl")
+    os.makedirs(out, exist_ok=True)
     with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     os.replace(path + ".tmp", path)
@@ -161,7 +191,7 @@ def train_run(args, out, method, lr, seed, records):
     if args.study == "gsm8k":
         argv += ["--max-examples", str(args.train_examples)]
     else:
-        argv += ["--train-file", train_file(args, records)]
+        argv += ["--train-file", train_file(out, records)]
     if args.data_dir:
         argv += ["--data-dir", args.data_dir]
     if os.path.exists(os.path.join(out, "state.pt")):
@@ -339,7 +369,14 @@ def main(argv=None):
         todo = [r for r in plan(args) if not done(args, r[0])]
         if not todo:
             break
-        one_run(args, *todo[0], *data_splits)
+        run = next((r for r in todo if claim(args, r[0])), None)
+        if run is None:                    # all taken by other workers: their results may add runs
+            time.sleep(30)
+            continue
+        try:
+            one_run(args, *run, *data_splits)
+        finally:
+            os.remove(claim_path(args, run[0]))
     table(args)
 
 

@@ -8,6 +8,7 @@ the multitask held-out sets never overlap its training mix.
 import argparse
 import json
 import os
+import subprocess
 
 import pytest
 
@@ -107,12 +108,52 @@ def test_lr_search_grows_the_grid_past_an_edge_until_the_best_is_inside(tmp_path
     assert reproduce.lr_search(args, "lora-r16") == ([2e-4, 6e-4, 2e-3], 2e-3)
 
 
+def test_claims_share_a_grid_between_processes(tmp_path, tiny_data, monkeypatch):
+    """A run claimed by a live process is left to it; a dead process's claim is taken over; a
+    worker with nothing left to take waits for the others' results, then finishes; no claim stays."""
+    argv = ["--study", "gsm8k", "--methods", "lora-r8", "--lrs", "1e-2,5e-2", "--seeds", "", "--lr-extensions", "0",
+            "--data-dir", tiny_data, "--train-examples", "8", "--val-examples", "4", "--test-examples", "3",
+            "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
+    args = argparse.Namespace(study="gsm8k", runs=str(tmp_path / "runs"), results=str(tmp_path / "results"))
+    live = subprocess.Popen(["sleep", "60"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    os.makedirs(tmp_path / "runs" / "gsm8k")
+    for name, proc in (("lora-r8_lr0.01_s0", live), ("lora-r8_lr0.05_s0", dead)):
+        open(reproduce.claim_path(args, name), "w").write(str(proc.pid))
+    assert not reproduce.claim(args, "lora-r8_lr0.01_s0")               # the live one keeps it
+    ran = []
+
+    def record(name, lr):
+        os.makedirs(os.path.join(args.results, "gsm8k"), exist_ok=True)
+        json.dump({"val_loss": 1.0, "lr": lr}, open(reproduce.result_path(args, name), "w"))
+
+    def fake_run(args, name, method, lr, seed, *splits):
+        assert open(reproduce.claim_path(args, name)).read() == str(os.getpid())
+        ran.append(name)
+        record(name, lr)
+
+    def other_worker_finishes(seconds):                                  # called while we wait
+        assert live.poll() is None, "waited again: a dead process's claim was not taken over"
+        record("lora-r8_lr0.01_s0", 1e-2)
+        os.remove(reproduce.claim_path(args, "lora-r8_lr0.01_s0"))
+        live.kill()
+
+    monkeypatch.setattr(reproduce, "one_run", fake_run)
+    monkeypatch.setattr(reproduce, "table", lambda args: None)
+    monkeypatch.setattr(reproduce.time, "sleep", other_worker_finishes)
+    reproduce.main(argv)
+    assert ran == ["base", "lora-r8_lr0.05_s0"]                          # 1e-2 was the other worker's
+    assert reproduce.done(args, "lora-r8_lr0.01_s0")
+    assert not [f for f in os.listdir(tmp_path / "runs" / "gsm8k") if f.endswith(".claim")]
+
+
 def test_multitask_mix_is_disjoint_from_its_held_out_sets(tmp_path, tiny_model_dir, tiny_data):
     argv = common(tmp_path, tiny_model_dir, tiny_data) + [
         "--study", "multitask", "--methods", "lora-r8", "--lrs", "1e-2", "--train-examples", "4",
         "--val-examples", "3", "--test-examples", "3", "--mmlu-per-subject", "1", "--csqa-examples", "4"]
     reproduce.main(argv)
-    mix = [json.loads(l) for l in open(tmp_path / "runs" / "multitask" / "train.jsonl")]
+    mix = [json.loads(l) for l in open(tmp_path / "runs" / "multitask" / "lora-r8_lr0.01_s0" / "train.jsonl")]
     assert len(mix) == 12                                                # 4 of each task
     args = argparse.Namespace(
         study="multitask", train_examples=4, val_examples=3, test_examples=3, data_dir=tiny_data)
