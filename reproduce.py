@@ -239,7 +239,8 @@ def one_run(args, name, method, lr, seed, records, val, test):
     del model
     t1 = time.time()
     row.update(accuracy=scores(args, out, method != "base"), train_seconds=round(train_s),
-               eval_seconds=round(time.time() - t1), device=args.device, model=args.model)
+               eval_seconds=round(time.time() - t1), device=args.device, model=args.model,
+               threads=torch.get_num_threads())                    # CPU threads of this process
     os.makedirs(os.path.dirname(result_path(args, name)), exist_ok=True)
     with open(result_path(args, name) + ".tmp", "w") as f:
         json.dump(row, f, indent=1)
