@@ -167,9 +167,15 @@ def test_other_architectures_and_biases(cls, kw, bias):
     assert losses[-1] < losses[0]
 
 
-def test_bf16_model_trains_with_fp32_adapters():
-    ids = batch()
-    model = tiny().to(torch.bfloat16)
+# CUDA runs only where there is a GPU (CI has none); the CPU case always runs.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_model_trains_with_fp32_adapters(device):
+    """train.py's GPU path in small: bf16 base weights, PMRC clustering on the weights' device."""
+    ids = batch().to(device)
+    model = tiny().to(device=device, dtype=torch.bfloat16)
     with torch.no_grad():
         before = model(ids).logits
     apply_idlora(model, r=8, k=4, alpha=16, dropout=0.0)
