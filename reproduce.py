@@ -34,6 +34,7 @@ import glob
 import json
 import os
 import random
+import re
 import time
 
 import torch
@@ -293,8 +294,10 @@ def table(args):
 
 
 def plot(args, folder, rows, best):
-    """Every trained run faint (one point per lr and seed), each method's best lr bold (the
-    mean over its seeds), the untrained base as a dashed line."""
+    """The paper's Fig. 4 at small scale: every trained run faint (one point per lr and seed),
+    the best lr of each plain LoRA and ID-LoRA (k=4) bold and labelled (the mean over its seeds),
+    the untrained base as a dashed line. The ablations (other k, w/o RB, serial/random rows)
+    sit at nearly the same count, so they are left to the table rather than crowd the labels."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -306,7 +309,8 @@ def plot(args, folder, rows, best):
         runs = [r for r in trained if r["method"].startswith(family + "-")]
         plt.scatter([r["trainable"] for r in runs], [r["test_loss"] for r in runs], marker=marker,
                     color=colour, alpha=0.3, s=15, label=f"{family}: every run")
-        pts = sorted((n, l, m) for m, (n, l) in best.items() if m.startswith(family + "-"))
+        curve = re.compile(rf"{family}-r\d+(-k4)?$")        # lora-r16, idlora-r128-k4: no ablations
+        pts = sorted((n, l, m) for m, (n, l) in best.items() if curve.match(m))
         plt.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=colour, s=50,
                     label=f"{family}: best lr, mean over seeds")
         for n, l, m in pts:
