@@ -21,8 +21,8 @@ The protocol, per study:
   2. the best lr per method is the one with the lowest validation loss, on held-out examples that
      no run trains on and that are not the test examples; if it is at an edge of the grid, that
      method's grid grows by half a decade past the edge (--lr-extensions), the same rule for all;
-  3. the main comparison (ID-LoRA r=128 vs LoRA r=16 and r=32) runs again at its best lr with
-     --seeds; the table gives the mean and spread over every seed at the best lr.
+  3. the main comparison (ID-LoRA r=128 vs LoRA r=16 and r=32; --seed-methods) runs again at its
+     best lr with --seeds; the table gives the mean and spread over every seed at the best lr.
 Resumable: a finished run (results/<study>/<run>.json exists) is skipped, a half-finished one
 continues from its checkpoint. Several processes can share the grid, each taking the next
 unclaimed run (on a CPU, e.g. two with OMP_NUM_THREADS=1 on 2 cores). Runs go to runs/repro/<study>/<run>/ (adapters: not committed);
@@ -106,8 +106,8 @@ def plan(args):
     runs = [("base", "base", 0.0, 0)] + [(run_name(m, lr, 0), m, lr, 0) for lr in args.lrs for m in args.methods]
     search = {m: lr_search(args, m) for m in args.methods}
     runs += [(run_name(m, lr, 0), m, lr, 0) for m, (grid, _) in search.items() for lr in grid if lr not in args.lrs]
-    main = [(m, search[m][1]) for m in MAIN if m in args.methods and search[m][1] is not None]
-    runs += [(run_name(m, lr, s), m, lr, s) for s in args.seeds for m, lr in main]   # seed by seed
+    seeded = [(m, search[m][1]) for m in args.seed_methods if m in args.methods and search[m][1] is not None]
+    runs += [(run_name(m, lr, s), m, lr, s) for s in args.seeds for m, lr in seeded]   # seed by seed
     return runs
 
 
@@ -337,7 +337,9 @@ def main(argv=None):
     p.add_argument("--lrs", default="2e-4,6e-4,2e-3", help="the learning-rate grid to start from, the same for every method")
     p.add_argument("--lr-extensions", type=int, default=2,
                    help="most grid steps added past each edge while a method's best lr sits there")
-    p.add_argument("--seeds", default="1,2", help="extra seeds for the main comparison")
+    p.add_argument("--seeds", default="1,2", help="extra seeds, each at a method's best lr")
+    p.add_argument("--seed-methods", default=",".join(MAIN),
+                   help="the methods that get --seeds (default: the main comparison; 'all' for every method)")
     p.add_argument("--model", default=train.EMBEDDED)
     p.add_argument("--train-examples", type=int, default=2000, help="training examples (multitask: of each task)")
     p.add_argument("--val-examples", type=int, default=200, help="held-out examples per task for choosing lr")
@@ -356,7 +358,8 @@ def main(argv=None):
     p.add_argument("--results", default="results")
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in args.methods if m not in METHODS]
+    args.seed_methods = args.methods if args.seed_methods == "all" else [m for m in args.seed_methods.split(",") if m]
+    unknown = [m for m in args.methods + args.seed_methods if m not in METHODS]
     if unknown:
         p.error(f"unknown method(s) {unknown}; known: {list(METHODS)}")
     args.lrs = [float(x) for x in args.lrs.split(",")]

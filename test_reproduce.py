@@ -79,9 +79,10 @@ def test_gsm8k_grid_resumes_and_tabulates(tmp_path, tiny_model_dir, tiny_data, m
 def test_lr_search_grows_the_grid_past_an_edge_until_the_best_is_inside(tmp_path):
     """The lr search rule on recorded validation losses: a best lr at the grid's lower edge adds
     6e-5 below 2e-4, a best at the upper edge adds 6e-3 above 2e-3, at most --lr-extensions steps
-    per edge; the extra seeds wait until the search is complete, then run seed by seed."""
+    per edge; the extra seeds wait until the search is complete, then run seed by seed, for the
+    --seed-methods only."""
     args = argparse.Namespace(study="gsm8k", results=str(tmp_path), lrs=[2e-4, 6e-4, 2e-3], lr_extensions=2,
-                              methods=["idlora-r128-k4", "lora-r16"], seeds=[1, 2])
+                              methods=["idlora-r128-k4", "lora-r16"], seeds=[1, 2], seed_methods=list(reproduce.MAIN))
     os.makedirs(tmp_path / "gsm8k")
 
     def record(method, lr, val_loss):
@@ -104,6 +105,8 @@ def test_lr_search_grows_the_grid_past_an_edge_until_the_best_is_inside(tmp_path
     assert reproduce.lr_search(args, "idlora-r128-k4") == ([2e-5, 6e-5, 2e-4, 6e-4, 2e-3], 2e-5)
     assert todo() == ["base", "idlora-r128-k4_lr2e-05_s1", "lora-r16_lr0.002_s1",          # seed by seed
                       "idlora-r128-k4_lr2e-05_s2", "lora-r16_lr0.002_s2"]
+    args.seed_methods = ["lora-r16"]                                     # --seed-methods lora-r16
+    assert todo() == ["base", "lora-r16_lr0.002_s1", "lora-r16_lr0.002_s2"]
     args.lr_extensions = 0                                               # no extension: the grid as given
     assert reproduce.lr_search(args, "lora-r16") == ([2e-4, 6e-4, 2e-3], 2e-3)
 
@@ -177,6 +180,13 @@ def test_too_little_data_is_a_clear_error(tmp_path, tiny_model_dir, tiny_data):
         "--study", "multitask", "--train-examples", "10", "--val-examples", "3", "--test-examples", "3"]
     with pytest.raises(SystemExit, match="codealpaca has 12 examples"):
         reproduce.main(argv)
+
+
+def test_unknown_method_is_a_one_line_error(tmp_path, capsys):
+    for flag in ("--methods", "--seed-methods"):
+        with pytest.raises(SystemExit):
+            reproduce.main(["--study", "gsm8k", flag, "lora-r16,lora-r17", "--plan", "--results", str(tmp_path)])
+        assert "unknown method(s) ['lora-r17']" in capsys.readouterr().err
 
 
 def test_table_and_plot_from_a_partial_grid(tmp_path):
