@@ -54,7 +54,7 @@ def constrained_kmeans(X, k, size_min, n_init=1, max_iter=20, seed=0, tol=1e-4):
     leave a cluster too small, the assignment is the min-cost flow that library builds and
     solves. Distances and means are computed here in torch, on X's device, because the
     library spends most of its time re-validating and copying X in every iteration: this
-    loop is about 7x faster on a CPU (bench.md: LLaMA-3-8B's 224 matrices in 3 min, not 22+)
+    loop is about 7x faster on a CPU (results/bench.md: LLaMA-3-8B's 224 matrices in 3 min, not 22+)
     and puts the heavy part on the GPU when there is one.
     Init: k-means++ (each new centre drawn with probability ~ squared distance)."""
     from k_means_constrained.k_means_constrained_ import (minimum_cost_flow_problem_graph,
@@ -110,7 +110,7 @@ def cluster_rows(weight, k, r, selection="cluster", seed=0, n_init=1, max_iter=2
 
     n_init=1, max_iter=20: the paper gives no k-means settings. Only the r rows nearest each
     centre are used, so the fit need not converge fully: on real SmolLM2 weights 100
-    iterations instead of 20 changed no selected row on 7 of 9 matrices (bench.md), while
+    iterations instead of 20 changed no selected row on 7 of 9 matrices (results/bench.md), while
     a second init only picks another start, which moves rows as much as a new seed does.
     """
     d_out = weight.shape[0]
@@ -295,7 +295,7 @@ def _map_in_processes(fn, jobs, n_jobs):
 def row_indices(layers, ranks, k, selection, seed, n_init, max_iter, cache_dir, n_jobs=1):
     """{name: (k, r) row indices} for every (name, nn.Linear) in `layers`: from the cache where
     present, else computed; with n_jobs > 1, one matrix per process, each on its share of the
-    cores (bench.md: 224 LLaMA-3-8B matrices in 2.5 min with 2 processes on 2 cores, 3.2 with 1)."""
+    cores (results/bench.md: 224 LLaMA-3-8B matrices in 2.5 min with 2 processes on 2 cores, 3.2 with 1)."""
     clustering = selection == "cluster"          # serial/random cost nothing: never cached
     idx, todo = {}, []
     for name, lin in layers:

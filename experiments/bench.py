@@ -1,13 +1,13 @@
 """
 What ID-LoRA costs against LoRA, measured side by side on one model, batch and machine.
 
-    python bench.py                                    # every section, embedded SmolLM2-135M, CPU float32
-    python bench.py --help                             # every flag
-    python bench.py --only params,train,infer --batch 2 --seq-len 128 --repeats 7
-    python bench.py --configs base,lora:16,idlora:128:4:2,idlora:64:4:1
-    python bench.py --only cluster,cache,kmeans        # PMRC: LLaMA-3-8B shapes, cache, k-means settings
-    python bench.py --device cuda --model-config llama-3-8b --batch 4 --seq-len 512   # the 8B on a GPU (random bf16 weights)
-    python bench.py --device meta --model-config llama-3-8b --only params             # 8B counts, no memory used
+    python experiments/bench.py                                    # every section, embedded SmolLM2-135M, CPU float32
+    python experiments/bench.py --help                             # every flag
+    python experiments/bench.py --only params,train,infer --batch 2 --seq-len 128 --repeats 7
+    python experiments/bench.py --configs base,lora:16,idlora:128:4:2,idlora:64:4:1
+    python experiments/bench.py --only cluster,cache,kmeans        # PMRC: LLaMA-3-8B shapes, cache, k-means settings
+    python experiments/bench.py --device cuda --model-config llama-3-8b --batch 4 --seq-len 512   # the 8B on a GPU (random bf16 weights)
+    python experiments/bench.py --device meta --model-config llama-3-8b --only params             # 8B counts, no memory used
 
 Configurations (--configs, comma-separated):
     base              the frozen base model alone (the reference for inference)
@@ -46,7 +46,7 @@ N decoder layers only, e.g. to check that code path on a CPU.
 
 On a small CPU shared with other busy processes, time with --threads 1: with 2 OpenMP threads on 2
 cores, a descheduled thread stalls the other at every barrier and the timings scatter by 2-3x.
-bench.md has the commands, tables and analysis of one such run (2-core AMD EPYC, no GPU).
+results/bench.md has the commands, tables and analysis of one such run (2-core AMD EPYC, no GPU).
 """
 
 import argparse
@@ -66,6 +66,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import torch
+
+# Run as a script from anywhere: the project's modules (idlora, train, eval, data) are one folder up.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import idlora
 
@@ -823,7 +826,7 @@ def main(argv=None):
     model_name = args.model_config and f"{args.model_config} (random weights" + \
         (f", first {args.layers} layers)" if args.layers else ")") or args.model
     print(f"Model: {model_name}, {resolve_dtype(args.dtype, args.device)} on {args.device}; "
-          f"sections: {','.join(args.only)}; command: `python bench.py {' '.join(sys.argv[1:])}`\n")
+          f"sections: {','.join(args.only)}; command: `python experiments/bench.py {' '.join(sys.argv[1:])}`\n")
 
     model_sections = [s for s in ("params", "memory", "train", "infer") if s in args.only]
     if model_sections:

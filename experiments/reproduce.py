@@ -10,9 +10,9 @@ Two studies:
                on, and zero-shot MMLU (--mmlu-per-subject of each subject) and CommonsenseQA
                (--csqa-examples): does the adapter hurt or help general knowledge?
 
-    python reproduce.py --study gsm8k --plan        # the runs, and which are done
-    python reproduce.py --study gsm8k               # run what is missing (add --device cuda on a GPU)
-    python reproduce.py --study gsm8k --table       # rebuild results/gsm8k/table.md and its plot
+    python experiments/reproduce.py --study gsm8k --plan        # the runs, and which are done
+    python experiments/reproduce.py --study gsm8k               # run what is missing (add --device cuda on a GPU)
+    python experiments/reproduce.py --study gsm8k --table       # rebuild results/gsm8k/table.md and its plot
 
 The protocol, per study:
   0. "base": the frozen model, untrained, scored the same way (the floor every method starts from);
@@ -35,9 +35,13 @@ import json
 import os
 import random
 import re
+import sys
 import time
 
 import torch
+
+# Run as a script from anywhere: the project's modules (idlora, train, eval, data) are one folder up.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data
 import eval as evaluate

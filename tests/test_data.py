@@ -10,7 +10,7 @@ import pytest
 
 import data
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 # The workplace's offline copies (../shared/data); users don't have them, so tests using them skip without.
 SHARED = REPO.parent / "shared" / "data"
 

@@ -2,7 +2,7 @@
 best learning rate gets the extra seeds, a second call runs nothing, the table is rebuilt, and
 the multitask held-out sets never overlap its training mix.
 
-    pytest test_reproduce.py
+    pytest tests/test_reproduce.py
 """
 
 import argparse
@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-import reproduce
+from experiments import reproduce
 
 
 def write_json_lines(path, records):
