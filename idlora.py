@@ -157,8 +157,9 @@ class IDLoRALinear(nn.Module):
         self.scaling = alpha / r
         dev = base.weight.device
         self.register_buffer("idx", idx.to(device=dev, dtype=torch.long))   # (k, r) row indices into W0
-        # The router W_g: (k, d_in), nn.Linear's default (Kaiming-uniform) init as in HydraLoRA.
-        self.router = nn.Linear(d_in, k, bias=False, device=dev, dtype=torch.float32)
+        # The router W_g: (k, d_in), with nn.Linear's default (Kaiming-uniform) init, as in HydraLoRA.
+        self.router = nn.Parameter(torch.empty(k, d_in, device=dev))
+        nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))
         self.B = nn.Parameter(torch.zeros(d_out // boost, r // boost, device=dev))  # (d_out/m, r/m), 0
         # The input x is never multiplied by A separately (A x is gathered from W0 x), so the
         # paper's LoRA dropout is applied to the gathered z instead of to x.
@@ -170,7 +171,7 @@ class IDLoRALinear(nn.Module):
         if self.base.bias is not None:
             z = z - self.base.bias[self.idx]               # A_i x has no bias
         z = self.dropout(z.to(self.B.dtype))
-        w = torch.softmax(self.router(x.to(self.B.dtype)), dim=-1)      # (..., k)
+        w = torch.softmax(x.to(self.B.dtype) @ self.router.T, dim=-1)      # (..., k)
         u = (w.unsqueeze(-2) @ z).squeeze(-2)              # (..., r)     sum_i w_i z_i
         u = u.unflatten(-1, (self.boost, self.r // self.boost))         # (..., m, r/m)
         dy = (u @ self.B.T).flatten(-2)                    # (..., d_out) [B u_1 | ... | B u_m]
@@ -376,7 +377,7 @@ def adapter_state_dict(model):
     sd = {}
     for name, m in model.named_modules():
         if isinstance(m, IDLoRALinear):
-            sd |= {f"{name}.idx": m.idx, f"{name}.router": m.router.weight, f"{name}.B": m.B}
+            sd |= {f"{name}.idx": m.idx, f"{name}.router": m.router, f"{name}.B": m.B}
         elif isinstance(m, LoRALinear):
             sd |= {f"{name}.A": m.A, f"{name}.B": m.B}
     return {n: t.detach().contiguous().cpu() for n, t in sd.items()}
@@ -422,7 +423,7 @@ def load_adapter(model, path):
                 raise ValueError(f"{name}: adapter shapes {got} (row indices up to {int(idx.max())}) "
                                  f"do not fit this model's layer of shape {(d_out, d_in)}")
             new = IDLoRALinear(lin, idx, cfg["alpha"] * r_l / cfg["r"], boost, cfg["dropout"])
-            new.router.weight.data.copy_(router)
+            new.router.data.copy_(router)
         else:
             A, B = tensors[f"{name}.A"], tensors[f"{name}.B"]
             if tuple(A.shape) != (r_l, d_in) or tuple(B.shape) != (d_out, r_l):
