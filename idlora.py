@@ -137,16 +137,25 @@ def cluster_rows(weight, k, r, selection="cluster", seed=0, n_init=1, max_iter=2
 
 
 # -----------------------------------------------------------------------------
-# 2. The layers. Both wrap the frozen nn.Linear (composition, like litgpt/peft), keep their
-# trainable tensors in float32 and cast the update back to the base output's dtype, so a
-# bf16 base trains with fp32 adapter weights and optimizer state.
+# 2. The layers. Both wrap the frozen nn.Linear (composition, like litgpt/peft) and keep their
+# trainable tensors in float32: those are the master weights, and AdamW's state is float32 too.
+#
+# The arithmetic of the update runs, by default, in the base layer's dtype: each forward uses the
+# float32 tensors cast to it (a few MB), so a bf16 model never makes a float32 copy of x or a
+# float32 (tokens, d_out) tensor (torchtune computes LoRA in bf16 too). On a GPU those full-size
+# passes, not the adapter's FLOPs, are most of its cost (results/bench.md). fp32=True keeps the
+# update in float32 and casts it back (peft's convention): a few more bits, more memory traffic.
+# On a float32 model the two are the same computation.
+#
+# The update is added to y inside its last GEMM: torch.addmm(y, h, B.T, alpha=alpha/r) scales and
+# adds in the GEMM's epilogue, so no separate (tokens, d_out) tensor is made for it.
 
 
 class IDLoRALinear(nn.Module):
     """y = W0 x + (alpha/r) [B u_1 | ... | B u_m], u = sum_i softmax(W_g x)_i (W0 x)[J_i].
     `idx` holds J, (k, r) row indices into base.weight; the scale is alpha / r, with r = idx.shape[1]."""
 
-    def __init__(self, base: nn.Linear, idx, alpha, boost=2, dropout=0.0):
+    def __init__(self, base: nn.Linear, idx, alpha, boost=2, dropout=0.0, fp32=False):
         super().__init__()
         k, r = idx.shape
         d_out, d_in = base.weight.shape
@@ -155,6 +164,7 @@ class IDLoRALinear(nn.Module):
         self.base = base
         self.k, self.r, self.boost, self.alpha = k, r, boost, alpha
         self.scaling = alpha / r
+        self.fp32 = fp32                                   # update in float32 instead of the base dtype
         dev = base.weight.device
         self.register_buffer("idx", idx.to(device=dev, dtype=torch.long))   # (k, r) row indices into W0
         # The router W_g: (k, d_in), with nn.Linear's default (Kaiming-uniform) init, as in HydraLoRA.
@@ -167,27 +177,35 @@ class IDLoRALinear(nn.Module):
 
     def forward(self, x):
         y = self.base(x)                                   # (..., d_out) = W0 x + b
-        z = y[..., self.idx]                               # (..., k, r)  A_i x, gathered
+        dt = torch.float32 if self.fp32 else y.dtype
+        # z_i = A_i x = (W0 x)[J_i]: a gather, with index_select on the flat indices, whose backward
+        # is an index_add_ (indexing as y[..., idx] would sort the indices in every backward).
+        J = self.idx.flatten()                             # (k*r,)
+        z = y.index_select(-1, J)                          # (..., k*r)
         if self.base.bias is not None:
-            z = z - self.base.bias[self.idx]               # A_i x has no bias
-        z = self.dropout(z.to(self.B.dtype))
-        w = torch.softmax(x.to(self.B.dtype) @ self.router.T, dim=-1)      # (..., k)
-        u = (w.unsqueeze(-2) @ z).squeeze(-2)              # (..., r)     sum_i w_i z_i
-        u = u.unflatten(-1, (self.boost, self.r // self.boost))         # (..., m, r/m)
-        dy = (u @ self.B.T).flatten(-2)                    # (..., d_out) [B u_1 | ... | B u_m]
-        return y + (self.scaling * dy).to(y.dtype)
+            z = z - self.base.bias[J]                      # A_i x has no bias
+        z = self.dropout(z.to(dt)).unflatten(-1, (self.k, self.r))          # (..., k, r)
+        w = torch.softmax(x.to(dt) @ self.router.to(dt).T, dim=-1)         # (..., k)
+        u = w.unsqueeze(-2) @ z                            # (..., 1, r)   sum_i w_i z_i
+        # Rank boosting: B times each of the m pieces of u is ONE GEMM, (T*m, r/m) x (r/m, d_out/m),
+        # and its output read as (T, d_out) is exactly [B u_1 | ... | B u_m], the layout of y.
+        m = self.boost
+        out = torch.addmm(y.to(dt).reshape(-1, y.shape[-1] // m), u.reshape(-1, self.r // m),
+                          self.B.to(dt).T, alpha=self.scaling)
+        return out.view(y.shape).to(y.dtype)
 
 
 class LoRALinear(nn.Module):
     """Plain LoRA, the paper's baseline: y = W0 x + (alpha/r) B A dropout(x)."""
 
-    def __init__(self, base: nn.Linear, r, alpha, dropout=0.0):
+    def __init__(self, base: nn.Linear, r, alpha, dropout=0.0, fp32=False):
         super().__init__()
         d_out, d_in = base.weight.shape
         dev = base.weight.device
         self.base = base
         self.r, self.alpha = r, alpha
         self.scaling = alpha / r
+        self.fp32 = fp32                                   # update in float32 instead of the base dtype
         self.A = nn.Parameter(torch.empty(r, d_in, device=dev))       # (r, d_in), Kaiming
         self.B = nn.Parameter(torch.zeros(d_out, r, device=dev))      # (d_out, r), 0
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
@@ -195,11 +213,14 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x):
-        y = self.base(x)
+        y = self.base(x)                                   # (..., d_out)
         if self.merged:
             return y
-        dy = self.dropout(x.to(self.A.dtype)) @ self.A.T @ self.B.T
-        return y + (self.scaling * dy).to(y.dtype)
+        dt = torch.float32 if self.fp32 else y.dtype
+        h = self.dropout(x.to(dt)) @ self.A.to(dt).T       # (..., r)
+        out = torch.addmm(y.to(dt).reshape(-1, y.shape[-1]), h.reshape(-1, self.r), self.B.to(dt).T,
+                          alpha=self.scaling)              # y + (alpha/r) B h, in one GEMM
+        return out.view(y.shape).to(y.dtype)
 
     @torch.no_grad()
     def merge(self):
@@ -325,10 +346,11 @@ def row_indices(layers, ranks, k, selection, seed, n_init, max_iter, cache_dir, 
 
 
 def apply_idlora(model, r=128, k=4, alpha=256, boost=2, dropout=0.05, targets=TARGETS,
-                 selection="cluster", seed=0, cache_dir=None, n_init=1, max_iter=20, n_jobs=1):
+                 selection="cluster", seed=0, cache_dir=None, n_init=1, max_iter=20, n_jobs=1, fp32=False):
     """Replace every target nn.Linear of `model` by an IDLoRALinear, in place; freeze the rest.
     Returns a report: modules patched, the rank each layer got, trainable parameters.
-    cache_dir stores the clustered row indices; n_jobs clusters that many matrices at once."""
+    cache_dir stores the clustered row indices; n_jobs clusters that many matrices at once;
+    fp32 computes the update in float32 rather than the base dtype (section 2)."""
     if r % boost:
         raise ValueError(f"r={r} is not divisible by boost={boost}")
     layers = find_targets(model, targets)
@@ -340,19 +362,19 @@ def apply_idlora(model, r=128, k=4, alpha=256, boost=2, dropout=0.05, targets=TA
     idx = row_indices(layers, ranks, k, selection, seed, n_init, max_iter, cache_dir, n_jobs)
     for name, lin in layers:
         # alpha * r_l / r keeps the run's scale alpha/r on a layer clamped to rank r_l
-        _replace(model, name, IDLoRALinear(lin, idx[name], alpha * ranks[name] / r, boost, dropout))
+        _replace(model, name, IDLoRALinear(lin, idx[name], alpha * ranks[name] / r, boost, dropout, fp32))
     model.adapter_config = dict(method="idlora", r=r, k=k, alpha=alpha, boost=boost,
                                 dropout=dropout, targets=list(targets), selection=selection,
                                 seed=seed, ranks=ranks)
     return report(model)
 
 
-def apply_lora(model, r=16, alpha=32, dropout=0.05, targets=TARGETS):
+def apply_lora(model, r=16, alpha=32, dropout=0.05, targets=TARGETS, fp32=False):
     """Replace every target nn.Linear by a LoRALinear, in place; freeze the rest."""
     layers = find_targets(model, targets)
     _freeze(model)
     for name, lin in layers:
-        _replace(model, name, LoRALinear(lin, r, alpha, dropout))
+        _replace(model, name, LoRALinear(lin, r, alpha, dropout, fp32))
     model.adapter_config = dict(method="lora", r=r, alpha=alpha, dropout=dropout,
                                 targets=list(targets), ranks={n: r for n, _ in layers})
     return report(model)
@@ -399,9 +421,10 @@ def read_adapter_config(path):
         return json.loads(f.metadata()["adapter_config"])
 
 
-def load_adapter(model, path):
+def load_adapter(model, path, fp32=False):
     """Rebuild the adapter layers saved in `path` on a fresh base model (no clustering) and
-    load their tensors. A model whose shapes differ from the saved adapter is an error."""
+    load their tensors. A model whose shapes differ from the saved adapter is an error.
+    fp32: compute the update in float32 rather than the base dtype (section 2)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no adapter file at {path}")
     cfg = read_adapter_config(path)
@@ -422,14 +445,14 @@ def load_adapter(model, path):
             if want != got or int(idx.max()) >= d_out:
                 raise ValueError(f"{name}: adapter shapes {got} (row indices up to {int(idx.max())}) "
                                  f"do not fit this model's layer of shape {(d_out, d_in)}")
-            new = IDLoRALinear(lin, idx, cfg["alpha"] * r_l / cfg["r"], boost, cfg["dropout"])
+            new = IDLoRALinear(lin, idx, cfg["alpha"] * r_l / cfg["r"], boost, cfg["dropout"], fp32)
             new.router.data.copy_(router)
         else:
             A, B = tensors[f"{name}.A"], tensors[f"{name}.B"]
             if tuple(A.shape) != (r_l, d_in) or tuple(B.shape) != (d_out, r_l):
                 raise ValueError(f"{name}: adapter shapes A{tuple(A.shape)} B{tuple(B.shape)} do "
                                  f"not fit this model's layer of shape {(d_out, d_in)}")
-            new = LoRALinear(lin, r_l, cfg["alpha"], cfg["dropout"])
+            new = LoRALinear(lin, r_l, cfg["alpha"], cfg["dropout"], fp32)
             new.A.data.copy_(A)
         new.B.data.copy_(B)
         _replace(model, name, new)

@@ -88,20 +88,97 @@ def naive_idlora(W0, b, J, Wg, B, x, alpha, m):
 
 @pytest.mark.parametrize("boost", [1, 2, 4])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_gather_path_equals_spec_formula(boost, bias, dtype, tol):
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("fp32", [True, False])
+def test_gather_path_equals_spec_formula(boost, bias, dtype, tol, fp32):
+    """Both arithmetic paths against the formula in float64; on a float32 layer they are the same
+    computation, to 1e-6 of the output's scale."""
     torch.manual_seed(0)
     base = nn.Linear(48, 96, bias=bias).to(dtype)
     J = cluster_rows(base.weight, k=4, r=16, selection="random", seed=1)
-    layer = IDLoRALinear(base, J, alpha=32, boost=boost)
-    nn.init.normal_(layer.B)                       # a non-zero update to compare
+    layer = IDLoRALinear(base, J, alpha=32, boost=boost, fp32=fp32)
+    nn.init.normal_(layer.B)                       # a non-zero update to compare (the router is random)
     x = torch.randn(5, 48).to(dtype)
     got = layer(x)
-    assert got.dtype == dtype and layer.B.dtype == torch.float32
-    f = lambda t: None if t is None else t.detach().float()
-    want = naive_idlora(f(base.weight), f(base.bias), J, f(layer.router), f(layer.B), x.float(), 32, boost)
-    err = (got.float() - want).abs().max() / want.abs().max()
+    assert got.dtype == dtype and layer.B.dtype == layer.router.dtype == torch.float32
+    f = lambda t: None if t is None else t.detach().double()
+    want = naive_idlora(f(base.weight), f(base.bias), J, f(layer.router), f(layer.B), x.double(), 32, boost)
+    err = (got.double() - want).abs().max() / want.abs().max()
     assert err < tol, f"relative error {err}"
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("make", ["idlora", "lora"])
+def test_base_dtype_path_matches_fp32_path_on_bf16(make):
+    """On a bf16 layer the update in bf16 (the default) stays within bf16 rounding of the update in
+    float32 (fp32=True): the output, and the gradients of every trainable tensor and of x."""
+    torch.manual_seed(0)
+    base = nn.Linear(256, 512).to(torch.bfloat16).requires_grad_(False)
+    if make == "idlora":
+        layer = IDLoRALinear(base, cluster_rows(base.weight, 4, 32, "random", seed=1), alpha=64)
+    else:
+        layer = LoRALinear(base, 16, alpha=32)
+    nn.init.normal_(layer.B, std=0.02)
+    x = torch.randn(3, 7, 256).to(torch.bfloat16)
+    g = torch.randn(3, 7, 512).to(torch.bfloat16)
+    runs = {}
+    for fp32 in (True, False):
+        layer.fp32 = fp32
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.backward(g)
+        runs[fp32] = dict(y=y.detach(), x=xi.grad, **{n: p.grad.clone() for n, p in layer.named_parameters()
+                                                       if p.requires_grad})
+        layer.zero_grad()
+        assert y.dtype == torch.bfloat16 and all(p.grad is None or p.grad.dtype == torch.float32
+                                                 for p in layer.parameters())
+    assert set(runs[True]) == {"y", "x", "B", "router" if make == "idlora" else "A"}
+    for key in runs[True]:
+        assert rel(runs[False][key], runs[True][key]) < 1e-2, key    # bf16 has 8 bits: ~4e-3 per rounding
+
+
+class Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records (dtype, numel) of every tensor an aten op allocates (not views, not in-place results)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and not func._schema.is_mutable:
+            flat = torch.utils._pytree.tree_flatten(out)[0]
+            self.made += [(t.dtype, t.numel()) for t in flat if isinstance(t, torch.Tensor)]
+        return out
+
+
+@pytest.mark.parametrize("make", ["idlora", "lora"])
+def test_base_dtype_path_makes_no_float32_activation(make):
+    """The point of the base-dtype path: on a bf16 layer no float32 copy of x and no float32
+    (tokens, d_out) tensor is made, forward or backward, while the float32 path makes them. And ID-LoRA's
+    forward makes exactly two (tokens, d_out) tensors: the frozen layer's y and y + update (one addmm)."""
+    T, d_in, d_out = 256, 256, 512
+    torch.manual_seed(0)
+    base = nn.Linear(d_in, d_out, bias=False).to(torch.bfloat16).requires_grad_(False)
+    if make == "idlora":
+        layer = IDLoRALinear(base, cluster_rows(base.weight, 4, 32, "random", seed=1), alpha=64, dropout=0.05)
+    else:
+        layer = LoRALinear(base, 16, alpha=32, dropout=0.05)
+    layer.train()
+    for fp32 in (False, True):
+        layer.fp32 = fp32
+        x = torch.randn(T, d_in).to(torch.bfloat16).requires_grad_()
+        with Allocations() as fwd:
+            y = layer(x)
+        with Allocations() as bwd:
+            y.backward(torch.randn_like(y))
+        big = lambda rec, dt: [n for d, n in rec.made if d == dt and n >= T * d_in]   # activation-sized
+        assert bool(big(fwd, torch.float32) + big(bwd, torch.float32)) == fp32, (fp32, fwd.made, bwd.made)
+        if make == "idlora" and not fp32:
+            assert big(fwd, torch.bfloat16) == [T * d_out, T * d_out], fwd.made
 
 
 def test_zero_init_then_training_changes_only_adapters():
@@ -173,19 +250,49 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_model_trains_with_fp32_adapters(device):
-    """train.py's GPU path in small: bf16 base weights, PMRC clustering on the weights' device."""
+    """train.py's GPU path in small: bf16 base weights, PMRC clustering on the weights' device, fp32
+    master weights. At init both arithmetic paths give exactly the base model; trained from the same
+    start on the same batch, their losses fall the same way, step by step within bf16 rounding."""
     ids = batch().to(device)
-    model = tiny().to(device=device, dtype=torch.bfloat16)
-    with torch.no_grad():
-        before = model(ids).logits
-    apply_idlora(model, r=8, k=4, alpha=16, dropout=0.0)
-    layer = model.model.layers[0].mlp.down_proj
-    assert layer.base.weight.dtype == torch.bfloat16 and layer.B.dtype == layer.router.dtype == torch.float32
-    with torch.no_grad():
-        out = model(ids).logits
-    assert out.dtype == torch.bfloat16 and torch.equal(out, before)
-    losses = train_steps(model, ids, steps=8)
-    assert losses[-1] < losses[0] - 0.05, losses
+    losses = {}
+    for make in ("idlora", "lora"):
+        for fp32 in (False, True):
+            model = tiny().to(device=device, dtype=torch.bfloat16)
+            with torch.no_grad():
+                before = model(ids).logits
+            torch.manual_seed(1)
+            if make == "idlora":
+                apply_idlora(model, r=8, k=4, alpha=16, dropout=0.0, fp32=fp32)
+            else:
+                apply_lora(model, r=4, alpha=8, dropout=0.0, fp32=fp32)
+            layer = model.model.layers[0].mlp.down_proj
+            assert layer.base.weight.dtype == torch.bfloat16 and layer.B.dtype == torch.float32
+            assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+            with torch.no_grad():
+                out = model(ids).logits
+            assert out.dtype == torch.bfloat16 and torch.equal(out, before)
+            losses[make, fp32] = train_steps(model, ids, steps=8)
+        base_dtype, float32 = losses[make, False], losses[make, True]
+        assert base_dtype[-1] < base_dtype[0] - 0.05 and float32[-1] < float32[0] - 0.05, losses
+        assert max(abs(a - b) for a, b in zip(base_dtype, float32)) < 0.01, losses
+
+
+def test_adapter_files_saved_before_the_bf16_path_load_and_give_the_same_logits():
+    """tests/data/*-before-issue16.safetensors were written by the code before the base-dtype path
+    (commit 194683d: float32 update, y[..., idx] gather), from tiny() trained 3 steps, with its logits
+    for batch(). They load unchanged and give the same float32 logits (the op order differs, so
+    equal to float32 rounding)."""
+    from safetensors.torch import load_file
+    data = os.path.join(os.path.dirname(__file__), "tests", "data")
+    want = load_file(os.path.join(data, "logits-before-issue16.safetensors"))
+    assert torch.equal(want["ids"], batch())
+    for method in ("idlora", "lora"):
+        model = tiny()
+        load_adapter(model, os.path.join(data, f"{method}-before-issue16.safetensors"))
+        with torch.no_grad():
+            got = model(want["ids"]).logits[0]
+        assert torch.allclose(got, want[method], rtol=0, atol=1e-6), (got - want[method]).abs().max()
+        assert not torch.allclose(got, tiny()(want["ids"]).logits[0], atol=1e-2)   # the adapter matters
 
 
 # -----------------------------------------------------------------------------

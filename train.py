@@ -92,14 +92,28 @@ def embedded_model_dir(cache=CACHE):
     return out
 
 
+def cpu_has_bf16():
+    """Does this CPU multiply bf16 natively (AVX512-BF16 or AMX)? There bf16 matmuls are about 2x
+    faster than float32 (results/bench.md); elsewhere (AVX2 only) they are emulated and far slower
+    (a SmolLM2 forward+backward: 18 s in float32, 325 s in bf16, on an AVX2 AMD EPYC)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, c, lambda: False)() for c in checks)
+
+
 def resolve_dtype(dtype, device):
-    """bf16 on CUDA (that is what fits LLaMA-3-8B on one GPU); float32 on CPU, where bf16 is
-    only fast on CPUs with bf16 instructions (on an AVX2-only CPU a forward+backward ran 18x
-    slower in bf16). --dtype overrides."""
+    """The base weights' dtype. auto: bf16 on CUDA (what fits LLaMA-3-8B on one GPU) and on CPUs with
+    native bf16 matmuls, float32 on other CPUs; the choice is printed in one line."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        if torch.device(device).type == "cuda":
+            choice, why = torch.bfloat16, "CUDA"
+        elif cpu_has_bf16():
+            choice, why = torch.bfloat16, "this CPU has native bf16 matmuls (AVX512-BF16 or AMX)"
+        else:
+            choice, why = torch.float32, "this CPU has no native bf16 matmuls, where bf16 is far slower"
+        print(f"dtype auto: {str(choice).removeprefix('torch.')} ({why}; --dtype overrides)")
+        return choice
     return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
             "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}[dtype]
 
@@ -255,14 +269,14 @@ def save_checkpoint(out, model, opt, sched, step, method):
     os.replace(os.path.join(out, "state.pt.tmp"), os.path.join(out, "state.pt"))
 
 
-def load_checkpoint(out, model, method):
+def load_checkpoint(out, model, method, fp32=False):
     """Restore the trained tensors into `model` (adapter layers are rebuilt from the file, with
     no clustering) and return the saved training state."""
     if method == "full":
         from safetensors.torch import load_model as load_weights
         load_weights(model, os.path.join(out, "model.safetensors"))
     else:
-        idlora.load_adapter(model, os.path.join(out, "adapter.safetensors"))
+        idlora.load_adapter(model, os.path.join(out, "adapter.safetensors"), fp32)
     return torch.load(os.path.join(out, "state.pt"), weights_only=False)
 
 
@@ -316,7 +330,11 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=100, help="optimizer steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output-dir")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"], help="base weights; auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
+                   help="base weights; auto = bf16 on CUDA and on CPUs with native bf16 matmuls, else fp32")
+    p.add_argument("--adapter-fp32", action="store_true",
+                   help="compute the adapter's update in float32 and cast it back (peft's way) instead of in the "
+                        "base dtype; the adapter's weights and AdamW state are float32 either way")
     p.add_argument("--no-grad-ckpt", action="store_true", help="turn gradient checkpointing off")
     p.add_argument("--cluster-cache", default=os.path.join(CACHE, "rows"), help="PMRC row-index cache ('' = off)")
     p.add_argument("--cluster-jobs", type=int, default=1, help="matrices clustered in parallel processes")
@@ -349,9 +367,10 @@ def build_model(args):
         rep = idlora.apply_idlora(model, r=args.rank, k=args.k, alpha=args.alpha, boost=args.boost,
                                   dropout=args.dropout, targets=targets, selection=args.selection,
                                   seed=args.seed, cache_dir=args.cluster_cache or None,
-                                  n_jobs=args.cluster_jobs)
+                                  n_jobs=args.cluster_jobs, fp32=args.adapter_fp32)
     elif args.method == "lora":
-        rep = idlora.apply_lora(model, r=args.rank, alpha=args.alpha, dropout=args.dropout, targets=targets)
+        rep = idlora.apply_lora(model, r=args.rank, alpha=args.alpha, dropout=args.dropout, targets=targets,
+                                fp32=args.adapter_fp32)
     print(f"{rep['method']}: {rep['modules']} modules patched, ranks {rep['ranks']}, "
           f"{rep['trainable']:,} trainable parameters")
     return model, tok
@@ -378,7 +397,7 @@ def train(args):
     total = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
 
     os.makedirs(out, exist_ok=True)
-    state = load_checkpoint(out, model, args.method) if args.resume else None
+    state = load_checkpoint(out, model, args.method, args.adapter_fp32) if args.resume else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total))  # no warmup, linear decay

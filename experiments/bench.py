@@ -30,6 +30,9 @@ Sections (--only, comma-separated; default all):
     train    training step time (forward, backward, AdamW step) and tokens/s
     infer    forward latency of a batch (no grad, full logits) and greedy generation tokens/s with
              the KV cache (prefill included); LoRA unmerged and merged
+    ops      the CPU-measurable proxy of GPU cost: operator calls and bytes allocated by ONE adapted
+             layer of each LLaMA-3-8B shape (bf16, 4 x 512 tokens), forward and backward, for each
+             arithmetic path (adapter in the base dtype, or in float32)
     cluster  PMRC seconds per LLaMA-3-8B matrix shape (RANDOM weights of those shapes: real weights
              may cluster at another speed), projected to all 224 matrices; then all 224 measured
              through idlora.row_indices with 1 and N processes
@@ -72,7 +75,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import idlora
 
-SECTIONS = ("params", "memory", "train", "infer", "cluster", "cache", "kmeans")
+SECTIONS = ("params", "memory", "train", "infer", "ops", "cluster", "cache", "kmeans")
 DEFAULT_CONFIGS = "base,lora:16,lora:32,idlora:128:4:2,idlora:match:4:1"
 CACHE = os.environ.get("IDLORA_CACHE", os.path.expanduser("~/.cache/idlora"))   # as train.py
 
@@ -157,9 +160,10 @@ def resolve_matches(configs, shapes):
 
 
 def resolve_dtype(name, device):
-    if name == "auto":
-        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
-    return {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[name]
+    """train.py's choice (auto: bf16 on CUDA and on CPUs with native bf16 matmuls), its one line on stderr."""
+    import train
+    with contextlib.redirect_stdout(sys.stderr):
+        return train.resolve_dtype(name, device)
 
 
 def build_model(args):
@@ -221,6 +225,7 @@ class Adapters:
             log(f"building {c.name}")
             self.reports[c.name] = attach(model, c, args)
             self.sets[c.name] = {n: model.get_submodule(n) for n in self.base_layers}
+            set_fp32(self.sets[c.name].values(), args.adapter_fp32)
             self.use("base")
 
     def use(self, name):
@@ -247,6 +252,13 @@ def unmerge(wrappers):
     for w in wrappers.values():
         w.base.weight -= (w.scaling * (w.B @ w.A)).to(w.base.weight.dtype)
         w.merged = False
+
+
+def set_fp32(modules, on):
+    """Choose the adapters' arithmetic: float32 (on) or the base dtype (idlora.py, section 2)."""
+    for m in modules:
+        if hasattr(m, "fp32"):
+            m.fp32 = on
 
 
 def token_ids(model, batch, length, seed):
@@ -421,6 +433,7 @@ def _memory_child(args, c):
     torch.manual_seed(args.seed)
     model = build_model(args)
     attach(model, c, args)
+    set_fp32(model.modules(), args.adapter_fp32)
     if args.grad_ckpt:
         model.activation_checkpointing_enable()
     model.train()
@@ -567,6 +580,85 @@ def section_infer(model, ad, configs, args):
           f"{gen_batch}, prompt {args.prompt_len} tokens, exactly {args.new_tokens} new tokens (greedy, KV "
           f"cache, prefill included); tokens/s counts new tokens. {args.repeats} interleaved rounds after "
           f"{args.warmup} warm-up round(s); ratios are medians of per-round ratios (> 1 = slower).\n")
+
+
+# Views and allocations launch no kernel: the rest of an op count is what a GPU pays per call.
+NO_KERNEL = {"aten::view", "aten::_unsafe_view", "aten::reshape", "aten::_reshape_alias", "aten::t", "aten::transpose",
+             "aten::permute", "aten::expand", "aten::as_strided", "aten::unsqueeze", "aten::squeeze", "aten::unflatten",
+             "aten::flatten", "aten::select", "aten::slice", "aten::detach", "aten::alias", "aten::lift_fresh",
+             "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::resolve_conj", "aten::resolve_neg",
+             "aten::numpy_T", "aten::contiguous", "aten::result_type"}
+
+
+def op_profile(fn):
+    """(aten calls, compute ops, bytes allocated) while fn() runs. Compute ops are the innermost
+    operators that do work (an mm, a mul, a copy; not a view or a bare allocation): each is about one
+    GPU kernel launch and one pass over its tensors. Bytes: what each operator itself allocated,
+    net of what it freed, summed."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    ops = [e for e in prof.events() if e.name.startswith("aten::")]
+    compute = [e for e in ops if e.name not in NO_KERNEL and
+               all(c.name in NO_KERNEL for c in e.cpu_children if c.name.startswith("aten::"))]
+    return len(ops), len(compute), sum(max(e.self_cpu_memory_usage, 0) for e in ops)
+
+
+def layer_ops(layer, x, fp32):
+    """op_profile of one training-mode forward and its backward through `layer` (x requires grad,
+    as inside a network), with the adapter's arithmetic in float32 or in the base dtype."""
+    if hasattr(layer, "fp32"):
+        layer.fp32 = fp32
+    layer.train()
+    out = {}
+    y = None
+
+    def forward():
+        nonlocal y
+        y = layer(x)
+    out["forward"] = op_profile(forward)
+    g = torch.randn_like(y)
+    out["backward"] = op_profile(lambda: y.backward(g))
+    x.grad = None
+    for p in layer.parameters():
+        p.grad = None
+    return out
+
+
+def section_ops(args):
+    print("## Operator calls and bytes allocated: one adapted layer of each LLaMA-3-8B shape, bf16\n")
+    shapes, _ = llama_shapes()
+    batch, seq = 4, 512
+    g = torch.Generator().manual_seed(args.seed)
+    rows = []
+    for label, d_out, d_in, _ in shapes:
+        base = torch.nn.Linear(d_in, d_out, bias=False, dtype=torch.bfloat16).requires_grad_(False)
+        x = torch.randn(batch, seq, d_in, generator=g).to(torch.bfloat16).requires_grad_()
+        idx = torch.randperm(d_out, generator=g)[: 4 * 128].view(4, 128)
+        layers = {"base": base, "lora:16": idlora.LoRALinear(base, 16, 32, args.dropout),
+                  "idlora:128:4:2": idlora.IDLoRALinear(base, idx, 256, 2, args.dropout)}
+        for name, layer in layers.items():
+            with torch.no_grad():                   # a trained adapter: B is no longer zero
+                for n, p in layer.named_parameters():
+                    if n == "B":
+                        p.normal_(0, 0.01, generator=g)
+            for fp32 in ((False,) if name == "base" else (False, True)):
+                log(f"  ops: {d_out} x {d_in} {name} {'fp32' if fp32 else 'base dtype'}")
+                r = layer_ops(layer, x, fp32)
+                path = "" if name == "base" else (" float32" if fp32 else " bf16")
+                rows.append([f"{d_out} x {d_in}", name + path,
+                             *(f"{v:,}" for v in r["forward"][:2]), gb(r["forward"][2]),
+                             *(f"{v:,}" for v in r["backward"][:2]), gb(r["backward"][2])])
+        del base, layers, x
+        gc.collect()
+    table(["layer (d_out x d_in)", "config, adapter arithmetic", "forward aten calls", "forward compute ops",
+           "forward bytes allocated", "backward aten calls", "backward compute ops", "backward bytes allocated"], rows)
+    print(f"One nn.Linear in bf16 with random weights, alone or wrapped, in training mode (dropout "
+          f"{args.dropout}), input {batch} x {seq} tokens that requires grad; B random, so the update is "
+          f"not zero. From torch.profiler: 'aten calls' counts every aten operator call, nested ones "
+          f"included; 'compute ops' the innermost ones that do work (not views or bare allocations), "
+          f"about one GPU kernel each; 'bytes allocated' what each operator allocated, net of what it "
+          f"freed, summed. The frozen layer's own GEMMs are in every row.\n")
 
 
 def llama_shapes():
@@ -749,6 +841,162 @@ def section_kmeans(args):
           f"(clamped per layer as apply_idlora does); weights of {args.model}.\n")
 
 
+# -----------------------------------------------------------------------------
+# The GPU check (--suite gpu): one command, a few minutes on one GPU, figures to a file
+
+
+def suite_gpu(args):
+    """Time the frozen base, LoRA r=16 (merged and unmerged) and ID-LoRA r=128 k=4 m=2 under both
+    adapter arithmetic paths (base dtype, the default; float32), interleaved, on LLaMA-3-8B shapes with
+    random weights; then the peak memory of a training step (fresh process), and torch.compile of one
+    adapted layer. Writes <--out>/gpu.json and gpu.md."""
+    import json
+    sync = make_sync(args.device)
+    configs = parse_configs("base,lora:16,idlora:128:4:2")
+    model = build_model(args)
+    torch.manual_seed(args.seed)
+    ad = Adapters(model, configs, args)
+    if args.grad_ckpt:
+        model.activation_checkpointing_enable()
+    ids = token_ids(model, args.batch, args.seq_len, args.seed).to(args.device)
+    largest = max((tuple(m.weight.shape) for m in ad.base_layers.values()), key=lambda s: s[0] * s[1])
+
+    def variant(name):                          # "lora:16 fp32" -> ("lora:16", True)
+        config, _, path = name.partition(" ")
+        return config, path == "fp32"
+
+    # Training steps: the first variant of each method makes its AdamW state; every variant of a
+    # method shares its tensors, so the optimizer is per method.
+    steps = ["lora:16", "lora:16 fp32", "idlora:128:4:2", "idlora:128:4:2 fp32"]
+    opts = {c: torch.optim.AdamW(ad.params(c), lr=1e-4) for c in ("lora:16", "idlora:128:4:2")}
+    model.train()
+
+    def step(name):
+        config, fp32 = variant(name)
+        ad.use(config)
+        set_fp32(ad.sets[config].values(), fp32)
+        return dict(step=sum(train_step(model, opts[config], ids, sync)))
+
+    train = interleaved(steps, step, args.repeats, args.warmup)
+
+    forwards = ["base", "lora:16 merged", "lora:16", "lora:16 fp32", "idlora:128:4:2", "idlora:128:4:2 fp32"]
+    model.eval()
+
+    def forward(name):
+        merged = name.endswith(" merged")
+        config, fp32 = variant(name.removesuffix(" merged"))
+        ad.use(config)
+        if config != "base":
+            set_fp32(ad.sets[config].values(), fp32)
+        if merged:
+            merge(ad.sets[config], model)
+        with torch.inference_mode():
+            sync()
+            t0 = time.perf_counter()
+            model(input_ids=ids, use_cache=False)
+            sync()
+            t = time.perf_counter() - t0
+        if merged:
+            unmerge(ad.sets[config])
+        ad.use("base")
+        return dict(fwd=t)
+
+    infer = interleaved(forwards, forward, args.repeats, args.warmup)
+    del model, ad, opts
+    gc.collect()
+
+    memory = {}                                   # peak of a training step, each in a fresh process
+    ctx = multiprocessing.get_context("spawn")
+    for name in ("lora:16", "idlora:128:4:2", "idlora:128:4:2 fp32"):
+        config, fp32 = variant(name)
+        log(f"  memory: {name}")
+        child = argparse.Namespace(**{**vars(args), "adapter_fp32": fp32})
+        with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+            memory[name] = pool.submit(_memory_child, child, parse_configs(config)[0]).result()["peak"] / 1e9
+
+    compiled = compile_layer_times(args, largest, sync)
+
+    def ratio(res, key, a, b):
+        return paired_ratio(res[a][key], res[b][key])
+
+    out = dict(
+        idlora_step_vs_lora16=ratio(train, "step", "idlora:128:4:2", "lora:16"),
+        idlora_forward_vs_base=ratio(infer, "fwd", "idlora:128:4:2", "base"),
+        lora16_forward_vs_base=ratio(infer, "fwd", "lora:16", "base"),
+        lora16_merged_forward_vs_base=ratio(infer, "fwd", "lora:16 merged", "base"),
+        idlora_fp32_step_vs_lora16_fp32=ratio(train, "step", "idlora:128:4:2 fp32", "lora:16 fp32"),
+        idlora_fp32_forward_vs_base=ratio(infer, "fwd", "idlora:128:4:2 fp32", "base"),
+        lora16_fp32_forward_vs_base=ratio(infer, "fwd", "lora:16 fp32", "base"),
+        idlora_step_fp32_vs_base_dtype=ratio(train, "step", "idlora:128:4:2 fp32", "idlora:128:4:2"),
+        idlora_peak_gb=memory["idlora:128:4:2"], lora16_peak_gb=memory["lora:16"],
+        idlora_fp32_peak_gb=memory["idlora:128:4:2 fp32"],
+        step_seconds={n: dict(median=med(r["step"]), min=min(r["step"]), max=max(r["step"])) for n, r in train.items()},
+        forward_seconds={n: dict(median=med(r["fwd"]), min=min(r["fwd"]), max=max(r["fwd"])) for n, r in infer.items()},
+        compiled_layer=compiled,
+        device=torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else machine(args),
+        command="python experiments/bench.py " + " ".join(sys.argv[1:]),
+        rounds=args.repeats, warmup=args.warmup, batch=args.batch, seq_len=args.seq_len,
+        model=f"{args.model_config} (random weights" + (f", {args.layers} layers)" if args.layers else ")"),
+        torch=torch.__version__, grad_ckpt=args.grad_ckpt, dropout=args.dropout)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    lines = [f"# GPU check: {out['device']}", "", f"`{out['command']}`: {out['model']}, batch {args.batch} x "
+             f"{args.seq_len}, {args.repeats} interleaved rounds after {args.warmup} warm-up; medians, ranges "
+             f"(min-max) and medians of per-round ratios.", "",
+             "| variant | train step s | range | vs lora:16 (same path) | forward ms | range | vs base | peak train GB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in forwards:
+        t, fw = train.get(name), infer[name]
+        ref = "lora:16 fp32" if name.endswith("fp32") else "lora:16"
+        cells = [name, f"{med(t['step']):.3f}" if t else "", spread(t["step"]) if t else "",
+                 f"{ratio(train, 'step', name, ref):.3f}" if t else "", f"{med(fw['fwd']) * 1e3:.1f}",
+                 spread([x * 1e3 for x in fw["fwd"]]), f"{ratio(infer, 'fwd', name, 'base'):.3f}",
+                 f"{memory[name]:.2f}" if name in memory else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "One adapted layer, forward+backward ms (median), eager against torch.compile:", "",
+              "| layer | config | eager | compiled |", "|---|---|---|---|"]
+    lines += [f"| {c['layer']} | {c['config']} | {c['eager_ms']:.3f} | {c['compiled_ms']:.3f} |" for c in compiled]
+    with open(os.path.join(args.out, "gpu.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return out
+
+
+def compile_layer_times(args, shape, sync):
+    """Forward+backward ms of ONE adapted layer of `shape` (d_out, d_in) (on the 8B: 14336 x 4096, its
+    largest), batch x seq-len tokens, eager and under torch.compile, LoRA r=16 and ID-LoRA r=128 k=4 m=2, base-dtype path:
+    does compiling the adapter's small ops pay? [] when torch.compile fails here (reported)."""
+    dtype = resolve_dtype(args.dtype, args.device)
+    d_out, d_in = shape
+    g = torch.Generator().manual_seed(args.seed)
+    base = torch.nn.Linear(d_in, d_out, bias=False, dtype=dtype, device=args.device).requires_grad_(False)
+    x = torch.randn(args.batch, args.seq_len, d_in, generator=g).to(args.device, dtype).requires_grad_()
+    idx = torch.randperm(d_out, generator=g)[: 4 * min(128, d_out // 4)].view(4, -1)
+    layers = {"lora:16": idlora.LoRALinear(base, 16, 32, args.dropout),
+              "idlora:128:4:2": idlora.IDLoRALinear(base, idx, 2 * idx.shape[1], 2, args.dropout)}
+    out = []
+    for name, layer in layers.items():
+        layer.train()
+
+        def run(fn):
+            ts = []
+            for i in range(args.repeats + 2):              # the first two: warm-up (and compilation)
+                sync()
+                t0 = time.perf_counter()
+                fn(x).sum().backward()
+                sync()
+                ts.append(time.perf_counter() - t0)
+            return med(ts[2:]) * 1e3
+        try:
+            log(f"  torch.compile: {name}")
+            out.append(dict(layer=f"{d_out} x {d_in}", config=name, eager_ms=run(layer),
+                            compiled_ms=run(torch.compile(layer))))
+        except Exception as e:                         # a missing compiler must not lose the other figures
+            log(f"  torch.compile failed: {type(e).__name__}: {e}")
+    return out
+
+
 def machine(args):
     cpu = platform.processor() or "?"
     try:
@@ -767,6 +1015,11 @@ def machine(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--suite", choices=["gpu"], help="gpu: the one-command GPU check (base, LoRA r=16 merged and not, "
+                   "ID-LoRA r=128 on both arithmetic paths, LLaMA-3-8B shapes, 4 x 512, memory, torch.compile), "
+                   "written to --out/gpu.json and gpu.md; other flags still override its defaults")
+    p.add_argument("--out", default=os.path.join("results", "bench"), help="--suite: folder for its files")
+    p.add_argument("--adapter-fp32", action="store_true", help="adapters compute in float32 instead of the base dtype")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"sections to run, from {','.join(SECTIONS)}")
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help="base, lora:R, idlora:R:K:M, idlora:match:K:M")
     p.add_argument("--model", default="smollm2", help="Hugging Face id or local folder; smollm2 = the embedded SmolLM2-135M-Instruct")
@@ -775,7 +1028,7 @@ def parse_args(argv=None):
     p.add_argument("--vocab-size", type=int, help="with --model-config: a smaller vocabulary, so that the LM head does not "
                                                   "dominate the timing of a few 8B-width layers")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, or meta (params only)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="base weights; auto = fp32 on CPU, bf16 elsewhere")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="base weights; auto = bf16 on CUDA and on CPUs with native bf16 matmuls, else fp32")
     p.add_argument("--batch", type=int, default=2, help="micro-batch (examples) for training, forward and memory")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per example for training, forward and memory")
     p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false", help="gradient checkpointing off (train.py's default is on)")
@@ -804,6 +1057,8 @@ def parse_args(argv=None):
     g.add_argument("--cluster-repeats", type=int, default=1, help="cluster section: fits per shape")
     g.add_argument("--kmeans-layers", help="kmeans section: layer numbers (default: first, middle, last); it always "
                                           "uses --model's real weights, never --model-config's random ones")
+    if p.parse_known_args(argv)[0].suite == "gpu":        # its defaults; flags given still win
+        p.set_defaults(device="cuda", model_config="llama-3-8b", batch=4, seq_len=512, repeats=5)
     args = p.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     bad = [s for s in args.only if s not in SECTIONS]
@@ -820,6 +1075,8 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    if args.suite == "gpu":
+        return suite_gpu(args)
     configs = parse_configs(args.configs)
     print("# ID-LoRA vs LoRA: bench.py\n")
     print(machine(args))
@@ -854,6 +1111,8 @@ def main(argv=None):
                 section_infer(model, ad, configs, args)
         del model
         gc.collect()
+    if "ops" in args.only:
+        section_ops(args)
     if "cluster" in args.only:
         section_cluster(args)
     if "cache" in args.only:

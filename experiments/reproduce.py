@@ -194,6 +194,7 @@ def train_run(args, out, method, lr, seed, records):
     argv = ["--task", args.study, "--model", args.model, "--epochs", str(args.epochs), "--lr", str(lr),
             "--seed", str(seed), "--max-len", str(args.max_len), "--batch-size", str(args.batch_size),
             "--micro-batch-size", str(args.micro_batch_size), "--output-dir", out, "--device", args.device,
+            "--dtype", args.dtype,
             "--save-every", "5", "--no-grad-ckpt"]
     if args.study == "gsm8k":
         argv += ["--max-examples", str(args.train_examples)]
@@ -209,7 +210,8 @@ def train_run(args, out, method, lr, seed, records):
 
 def scores(args, out, adapter):
     """Accuracy from eval.py: GSM8K greedy (gsm8k study) or zero-shot MMLU and CSQA (multitask)."""
-    common = ["--model", args.model, "--device", args.device, "--output-dir", os.path.join(out, "eval")]
+    common = ["--model", args.model, "--device", args.device, "--dtype", args.dtype,
+              "--output-dir", os.path.join(out, "eval")]
     common += (["--adapter", out] if adapter else []) + (["--data-dir", args.data_dir] if args.data_dir else [])
     if args.study == "gsm8k":
         tasks = {"gsm8k": (args.accuracy_examples, ["--max-new-tokens", str(args.max_new_tokens)])}
@@ -229,7 +231,7 @@ def one_run(args, name, method, lr, seed, records, val, test):
     if method != "base":
         train_run(args, out, method, lr, seed, records)
     train_s = time.time() - t0
-    model, tok = train.load_model(args.model, None, args.device)
+    model, tok = train.load_model(args.model, args.dtype, args.device)
     if method != "base":
         idlora.load_adapter(model, os.path.join(out, "adapter.safetensors"))
     val_loss, test_loss = losses(args, model, tok, val), losses(args, model, tok, test)
@@ -246,7 +248,7 @@ def one_run(args, name, method, lr, seed, records, val, test):
     del model
     t1 = time.time()
     row.update(accuracy=scores(args, out, method != "base"), train_seconds=round(train_s),
-               eval_seconds=round(time.time() - t1), device=args.device, model=args.model,
+               eval_seconds=round(time.time() - t1), device=args.device, dtype=args.dtype, model=args.model,
                threads=torch.get_num_threads())                    # CPU threads of this process
     os.makedirs(os.path.dirname(result_path(args, name)), exist_ok=True)
     with open(result_path(args, name) + ".tmp", "w") as f:
@@ -357,6 +359,8 @@ def main(argv=None):
     p.add_argument("--max-len", type=int, default=384)
     p.add_argument("--max-new-tokens", type=int, default=256, help="greedy GSM8K answers")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="base weights; every committed result is fp32, so new ones stay comparable (recorded in each file)")
     p.add_argument("--data-dir")
     p.add_argument("--runs", default="runs/repro")
     p.add_argument("--results", default="results")

@@ -1,0 +1,43 @@
+"""Tests of experiments/bench.py's issue-16 parts on the CPU: the GPU check (--suite gpu) runs end to
+end on a tiny model and writes the figures it promises, and the operator-count proxy sees the
+base-dtype path's savings. Timings here mean nothing; the code paths are what is checked."""
+
+import json
+
+import torch
+import torch.nn as nn
+
+import idlora
+from experiments import bench
+
+KEYS = {"idlora_step_vs_lora16", "idlora_forward_vs_base", "lora16_forward_vs_base", "idlora_peak_gb",
+        "device", "command", "rounds"}
+
+
+def test_gpu_suite_writes_its_figures(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda m: m)      # compiling costs minutes on a CPU; the GPU run does it
+    out = tmp_path / "bench"
+    res = bench.main(["--suite", "gpu", "--device", "cpu", "--dtype", "fp32", "--model-config", "",
+                      "--model", tiny_model_dir, "--cluster-cache", "", "--batch", "1", "--seq-len", "16",
+                      "--repeats", "2", "--warmup", "0", "--threads", "1", "--out", str(out)])
+    saved = json.loads((out / "gpu.json").read_text())
+    assert KEYS <= saved.keys() and saved["rounds"] == 2 and saved["command"].startswith("python experiments/bench.py")
+    for key in KEYS - {"device", "command", "rounds"}:
+        assert saved[key] == res[key] and 0 < saved[key] < 100, (key, saved[key])
+    assert set(saved["step_seconds"]) == {"lora:16", "lora:16 fp32", "idlora:128:4:2", "idlora:128:4:2 fp32"}
+    assert [c["config"] for c in saved["compiled_layer"]] == ["lora:16", "idlora:128:4:2"]
+    md = (out / "gpu.md").read_text()
+    assert md.count("\n| ") == 2 + 6 + 2 and "lora:16 merged" in md      # 2 headers, 6 variants, 2 compiled
+
+
+def test_op_proxy_sees_fewer_ops_and_bytes_in_the_base_dtype_path():
+    torch.manual_seed(0)
+    base = nn.Linear(256, 512, bias=False).to(torch.bfloat16).requires_grad_(False)
+    layer = idlora.IDLoRALinear(base, idlora.cluster_rows(base.weight, 4, 32, "random"), 64, 2, 0.05)
+    nn.init.normal_(layer.B)
+    x = torch.randn(2, 64, 256).to(torch.bfloat16).requires_grad_()
+    bf16, fp32 = bench.layer_ops(layer, x, False), bench.layer_ops(layer, x, True)
+    for phase in ("forward", "backward"):
+        calls, compute, allocated = bf16[phase]
+        assert compute <= fp32[phase][1] and allocated < fp32[phase][2] / 1.4, (phase, bf16, fp32)
+        assert 0 < compute < calls
