@@ -328,6 +328,8 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", help="folder with local data files (see data/README.md)")
     p.add_argument("--output-dir", help="default: runs/<task>-<method>-r<rank>")
     p.add_argument("--save-every", type=int, default=100, help="optimizer steps between checkpoints")
+    p.add_argument("--save-at", default="", help="comma-separated steps whose adapter is also kept as "
+                                               "adapter-step<N>.safetensors (for learning curves)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output-dir")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
@@ -343,6 +345,10 @@ def parse_args(argv=None):
     args.lr = args.lr or TASK_LR[args.task]
     args.epochs = args.epochs or TASK_EPOCHS[args.task]
     args.output_dir = args.output_dir or os.path.join("runs", f"{args.task}-{args.method}-r{args.rank}")
+    try:
+        args.save_at = sorted({int(x) for x in args.save_at.split(",") if x})
+    except ValueError:
+        p.error(f"--save-at takes step numbers like 16,32,64, got {args.save_at!r}")
     if args.batch_size % args.micro_batch_size:
         p.error(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {args.micro_batch_size}")
     return args
@@ -442,9 +448,11 @@ def train(args):
                 f.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
             bar.update()
-            if step % args.save_every == 0 or step == total:
+            if step % args.save_every == 0 or step == total or step in args.save_at:
                 save_checkpoint(out, model, opt, sched, step, args.method)
                 saved = step
+            if step in args.save_at and args.method != "full":
+                shutil.copy(os.path.join(out, "adapter.safetensors"), os.path.join(out, f"adapter-step{step}.safetensors"))
     except KeyboardInterrupt:
         if saved < step:
             save_checkpoint(out, model, opt, sched, step, args.method)

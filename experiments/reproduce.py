@@ -83,33 +83,51 @@ def done(args, name):
 LR_STEP = 10 ** 0.5      # one grid step past an edge: half a decade (2e-4 -> 6e-5, 2e-3 -> 6e-3)
 
 
+def start_grid(args, method):
+    """The lrs a method's search starts from: --lrs; or, with --lrs-around DIR, the lr the method chose
+    in the same study's results in DIR (replayed by lr_search from --lrs) and the half-decade on each
+    side of it, so a longer study starts where the shorter one ended, for every method alike."""
+    if not args.lrs_around:
+        return sorted(args.lrs)
+    earlier = argparse.Namespace(**{**vars(args), "results": args.lrs_around, "lrs_around": None})
+    best = lr_search(earlier, method)[1]
+    if best is None:
+        raise SystemExit(f"error: --lrs-around {args.lrs_around}: {method} has no complete learning-rate "
+                         f"search in {os.path.join(args.lrs_around, args.study)}")
+    return [float(f"{best / LR_STEP:.0e}"), best, float(f"{best * LR_STEP:.0e}")]
+
+
 def lr_search(args, method):
     """(grid, best): the lrs searched for `method` at seed 0, and the one with the lowest validation
-    loss (None until every lr of the grid has a result). The search starts from --lrs; while the
+    loss (None until every lr of the grid has a result). The search starts from start_grid; while the
     best lr sits at an edge of the grid, the grid grows by one step past that edge (at most
     --lr-extensions steps per edge), so no method's optimum is one the grid happened to cut off.
     One rule for every method; a grid of a single lr is taken as given."""
-    grid = sorted(args.lrs)
+    start = start_grid(args, method)
+    grid = list(start)
     while True:
         if not all(done(args, run_name(method, lr, 0)) for lr in grid):
             return grid, None
         val = {lr: json.load(open(result_path(args, run_name(method, lr, 0))))["val_loss"] for lr in grid}
         best = min(grid, key=val.get)
-        if len(grid) > 1 and best == grid[0] and sum(lr < min(args.lrs) for lr in grid) < args.lr_extensions:
+        if len(grid) > 1 and best == grid[0] and sum(lr < min(start) for lr in grid) < args.lr_extensions:
             grid.insert(0, float(f"{grid[0] / LR_STEP:.0e}"))
-        elif len(grid) > 1 and best == grid[-1] and sum(lr > max(args.lrs) for lr in grid) < args.lr_extensions:
+        elif len(grid) > 1 and best == grid[-1] and sum(lr > max(start) for lr in grid) < args.lr_extensions:
             grid.append(float(f"{grid[-1] * LR_STEP:.0e}"))
         else:
             return grid, best
 
 
 def plan(args):
-    """[(name, method, lr, seed)] in run order: the base model, the lr grid (lr by lr, so a
-    partial grid still compares methods at the same lr), any lr past an edge (see lr_search), then
-    the extra seeds, seed by seed (a method's appear once its lr search is complete)."""
-    runs = [("base", "base", 0.0, 0)] + [(run_name(m, lr, 0), m, lr, 0) for lr in args.lrs for m in args.methods]
+    """[(name, method, lr, seed)] in run order: the base model, the start grids (position by
+    position, so a partial grid still compares methods at the same lr when they share a grid), any lr
+    past an edge (see lr_search), then the extra seeds, seed by seed (a method's appear once its lr
+    search is complete)."""
+    starts = {m: start_grid(args, m) for m in args.methods}
+    runs = [("base", "base", 0.0, 0)] + [(run_name(m, g[i], 0), m, g[i], 0) for i in range(max(map(len, starts.values())))
+                                         for m, g in starts.items() if i < len(g)]
     search = {m: lr_search(args, m) for m in args.methods}
-    runs += [(run_name(m, lr, 0), m, lr, 0) for m, (grid, _) in search.items() for lr in grid if lr not in args.lrs]
+    runs += [(run_name(m, lr, 0), m, lr, 0) for m, (grid, _) in search.items() for lr in grid if lr not in starts[m]]
     seeded = [(m, search[m][1]) for m in args.seed_methods if m in args.methods and search[m][1] is not None]
     runs += [(run_name(m, lr, s), m, lr, s) for s in args.seeds for m, lr in seeded]   # seed by seed
     return runs
@@ -202,6 +220,8 @@ def train_run(args, out, method, lr, seed, records):
         argv += ["--train-file", train_file(out, records)]
     if args.data_dir:
         argv += ["--data-dir", args.data_dir]
+    if args.eval_at:
+        argv += ["--save-at", ",".join(map(str, args.eval_at))]
     if os.path.exists(os.path.join(out, "state.pt")):
         argv.append("--resume")
     if not os.path.exists(os.path.join(out, "loss.png")):          # written when a run completes
@@ -225,12 +245,29 @@ def scores(args, out, adapter):
     return acc
 
 
+def learning_curve(args, out, val, test):
+    """Held-out losses of the adapter as it was after each --eval-at step (train.py --save-at kept a
+    copy): [{step, val_loss, test_loss}]. The lr still decays over the whole run, so these points show
+    the trend; only the final one compares methods like for like."""
+    points = []
+    for step in args.eval_at:
+        path = os.path.join(out, f"adapter-step{step}.safetensors")
+        if not os.path.exists(path):                       # the run is shorter than this step
+            continue
+        model, tok = train.load_model(args.model, args.dtype, args.device)
+        idlora.load_adapter(model, path)
+        v, t = losses(args, model, tok, val), losses(args, model, tok, test)
+        points.append(dict(step=step, val_loss=sum(v.values()) / len(v), test_loss=sum(t.values()) / len(t)))
+    return points
+
+
 def one_run(args, name, method, lr, seed, records, val, test):
     out = os.path.join(args.runs, args.study, name)
     t0 = time.time()
     if method != "base":
         train_run(args, out, method, lr, seed, records)
     train_s = time.time() - t0
+    curve = learning_curve(args, out, val, test) if method != "base" and args.eval_at else None
     model, tok = train.load_model(args.model, args.dtype, args.device)
     if method != "base":
         idlora.load_adapter(model, os.path.join(out, "adapter.safetensors"))
@@ -245,6 +282,8 @@ def one_run(args, name, method, lr, seed, records, val, test):
                max_new_tokens=args.max_new_tokens if args.study == "gsm8k" else None,
                accuracy_examples=args.accuracy_examples if args.study == "gsm8k" else
                dict(mmlu_per_subject=args.mmlu_per_subject, csqa=args.csqa_examples))
+    if curve is not None:           # the intermediate points, then the final one (the like-for-like comparison)
+        row["curve"] = curve + [dict(step=row["steps"], val_loss=row["val_loss"], test_loss=row["test_loss"])]
     del model
     t1 = time.time()
     row.update(accuracy=scores(args, out, method != "base"), train_seconds=round(train_s),
@@ -280,8 +319,8 @@ def table(args):
     head = ["method", "lrs searched", "best lr", "seeds", "trainable", "test loss (mean ± sd)"] + \
            [f"{t} loss" for t in per_task] + [f"{a} acc (mean)" for a in accs]
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    best = {}
-    for m in METHODS:
+    best, chosen = {}, {}
+    for m in (m for m in METHODS if any(r["method"] == m for r in rows)):
         grid, lr = lr_search(args, m)
         at = [r for r in rows if r["method"] == m and r["lr"] == lr]
         if lr is None or not at:
@@ -289,14 +328,60 @@ def table(args):
         loss = torch.tensor([r["test_loss"] for r in at])
         sd = f"{loss.std().item():.4f}" if len(at) > 1 else "n/a"
         best[m] = (at[0]["trainable"], loss.mean().item())
+        chosen[m] = at
         cells = [m, ", ".join(f"{x:g}" for x in grid), f"{lr:g}", str(len(at)), f"{at[0]['trainable']:,}", f"{loss.mean():.4f} ± {sd}"]
         cells += [f"{sum(r['test_loss_per_task'][t] for r in at) / len(at):.4f}" for t in per_task]
         cells += [f"{sum(r['accuracy'][a] for r in at) / len(at):.3f}" for a in accs]
         lines.append("| " + " | ".join(cells) + " |")
+    curves = {m: [r["curve"] for r in at if "curve" in r] for m, at in chosen.items()}
+    curves = {m: c for m, c in curves.items() if c}
+    if curves:
+        lines += curve_table(curves)
+        plot_curves(args, folder, curves)
     with open(os.path.join(folder, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(args, folder, rows, best)
+
+
+def curve_points(runs):
+    """[(step, mean, min, max)] of the test loss over a method's seeds, step by step."""
+    steps = sorted({p["step"] for c in runs for p in c})
+    by_step = [[p["test_loss"] for c in runs for p in c if p["step"] == s] for s in steps]
+    return [(s, sum(v) / len(v), min(v), max(v)) for s, v in zip(steps, by_step)]
+
+
+def curve_table(curves):
+    steps = sorted({p["step"] for runs in curves.values() for c in runs for p in c})
+    lines = ["", "Test loss by training step at each method's best lr: mean over seeds (min to max). The lr decays "
+             "over the whole run, so only the last step compares methods like for like.", "",
+             "| method | seeds | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
+    for m, runs in curves.items():
+        cells = {s: f"{mean:.4f} ({lo:.4f} to {hi:.4f})" for s, mean, lo, hi in curve_points(runs)}
+        lines.append(f"| {m} | {len(runs)} | " + " | ".join(cells.get(s, "") for s in steps) + " |")
+    return lines
+
+
+def plot_curves(args, folder, curves):
+    """learning_curves.png: test loss against training step, each method at its best lr, the mean
+    over seeds with the range shaded."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    plt.figure(figsize=(6, 4))
+    for m, runs in curves.items():
+        steps, mean, lo, hi = zip(*curve_points(runs))
+        line, = plt.plot(steps, mean, marker="o", markersize=3, label=f"{m} ({len(runs)} seeds)")
+        plt.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
+    plt.xscale("log", base=2)
+    plt.xlabel("training step")
+    plt.ylabel(f"{args.study} test loss (NLL / response token)")
+    plt.title(f"{args.study}: held-out loss during training, best lr per method")
+    plt.legend(fontsize=7)
+    plt.grid(alpha=0.3)
+    plt.tight_layout()
+    plt.savefig(os.path.join(folder, "learning_curves.png"), dpi=120)
+    plt.close()
 
 
 def plot(args, folder, rows, best):
@@ -341,6 +426,10 @@ def main(argv=None):
     p.add_argument("--table", action="store_true", help="only rebuild the table and plot")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
     p.add_argument("--lrs", default="2e-4,6e-4,2e-3", help="the learning-rate grid to start from, the same for every method")
+    p.add_argument("--lrs-around", metavar="DIR", help="start each method's grid at the lr it chose in the same study's "
+                   "results in DIR (e.g. results/cpu) and the half-decade on each side, instead of --lrs")
+    p.add_argument("--eval-at", default="", help="comma-separated steps at which held-out loss is also recorded "
+                   "(a learning curve from one run; the final step always is)")
     p.add_argument("--lr-extensions", type=int, default=2,
                    help="most grid steps added past each edge while a method's best lr sits there")
     p.add_argument("--seeds", default="1,2", help="extra seeds, each at a method's best lr")
@@ -371,6 +460,12 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown method(s) {unknown}; known: {list(METHODS)}")
     args.lrs = [float(x) for x in args.lrs.split(",")]
+    try:
+        args.eval_at = sorted({int(x) for x in args.eval_at.split(",") if x})
+    except ValueError:
+        p.error(f"--eval-at takes step numbers like 16,32,64, got {args.eval_at!r}")
+    if args.lrs_around and not os.path.isdir(os.path.join(args.lrs_around, args.study)):
+        p.error(f"--lrs-around: no {args.study} results in {args.lrs_around}")
     args.seeds = [int(x) for x in args.seeds.split(",") if x]
     args.accuracy_examples = args.accuracy_examples or args.test_examples
     if args.table:

@@ -81,7 +81,7 @@ def test_lr_search_grows_the_grid_past_an_edge_until_the_best_is_inside(tmp_path
     6e-5 below 2e-4, a best at the upper edge adds 6e-3 above 2e-3, at most --lr-extensions steps
     per edge; the extra seeds wait until the search is complete, then run seed by seed, for the
     --seed-methods only."""
-    args = argparse.Namespace(study="gsm8k", results=str(tmp_path), lrs=[2e-4, 6e-4, 2e-3], lr_extensions=2,
+    args = argparse.Namespace(study="gsm8k", results=str(tmp_path), lrs=[2e-4, 6e-4, 2e-3], lr_extensions=2, lrs_around=None,
                               methods=["idlora-r128-k4", "lora-r16"], seeds=[1, 2], seed_methods=list(reproduce.MAIN))
     os.makedirs(tmp_path / "gsm8k")
 
@@ -109,6 +109,50 @@ def test_lr_search_grows_the_grid_past_an_edge_until_the_best_is_inside(tmp_path
     assert todo() == ["base", "lora-r16_lr0.002_s1", "lora-r16_lr0.002_s2"]
     args.lr_extensions = 0                                               # no extension: the grid as given
     assert reproduce.lr_search(args, "lora-r16") == ([2e-4, 6e-4, 2e-3], 2e-3)
+
+
+def test_lrs_around_starts_each_method_where_the_earlier_study_chose(tmp_path):
+    """--lrs-around DIR: each method's grid starts at the lr it chose in DIR (its search replayed from
+    --lrs) and the half-decade on each side; the usual rule then grows it from there."""
+    earlier = argparse.Namespace(study="gsm8k", results=str(tmp_path / "short"), lrs=[2e-4, 6e-4, 2e-3],
+                                 lr_extensions=2, lrs_around=None)
+    os.makedirs(tmp_path / "short" / "gsm8k")
+    for method, vals in (("idlora-r128-k4", (0.80, 0.81, 0.95)), ("lora-r16", (1.04, 0.83, 0.85))):
+        for lr, val in zip(earlier.lrs, vals):
+            json.dump({"val_loss": val, "lr": lr}, open(reproduce.result_path(earlier, reproduce.run_name(method, lr, 0)), "w"))
+    json.dump({"val_loss": 0.85, "lr": 6e-5}, open(reproduce.result_path(earlier, "idlora-r128-k4_lr6e-05_s0"), "w"))
+    args = argparse.Namespace(**{**vars(earlier), "results": str(tmp_path / "long"), "lrs_around": str(tmp_path / "short"),
+                                 "methods": ["idlora-r128-k4", "lora-r16"], "seeds": [1], "seed_methods": list(reproduce.MAIN)})
+    # ID-LoRA chose 2e-4 (after its grid grew to 6e-5, which was worse), LoRA 6e-4
+    assert reproduce.start_grid(args, "idlora-r128-k4") == [6e-5, 2e-4, 6e-4]
+    assert reproduce.start_grid(args, "lora-r16") == [2e-4, 6e-4, 2e-3]
+    assert [name for name, *_ in reproduce.plan(args)] == [
+        "base", "idlora-r128-k4_lr6e-05_s0", "lora-r16_lr0.0002_s0", "idlora-r128-k4_lr0.0002_s0",
+        "lora-r16_lr0.0006_s0", "idlora-r128-k4_lr0.0006_s0", "lora-r16_lr0.002_s0"]
+    args.methods = ["lora-r8"]                                           # nothing searched for it in DIR
+    with pytest.raises(SystemExit, match="lora-r8 has no complete learning-rate search"):
+        reproduce.plan(args)
+
+
+def test_learning_curve_from_one_run(tmp_path, tiny_model_dir, tiny_data):
+    """--eval-at: held-out losses at intermediate steps of ONE run (train.py --save-at keeps the
+    adapter of those steps), stored in the result, the final point equal to the run's own losses."""
+    argv = common(tmp_path, tiny_model_dir, tiny_data) + [
+        "--study", "gsm8k", "--methods", "lora-r8", "--lrs", "5e-2", "--seeds", "", "--train-examples", "12",
+        "--val-examples", "4", "--test-examples", "3", "--accuracy-examples", "1", "--max-new-tokens", "4",
+        "--eval-at", "1,2,7"]
+    reproduce.main(argv)
+    r = results(tmp_path, "gsm8k")["lora-r8_lr0.05_s0"]
+    assert r["steps"] == 3 and [p["step"] for p in r["curve"]] == [1, 2, 3]      # 7 is past the end
+    assert r["curve"][-1] == dict(step=3, val_loss=r["val_loss"], test_loss=r["test_loss"])
+    assert len({p["test_loss"] for p in r["curve"]}) == 3                        # three different adapters
+    run = tmp_path / "runs" / "gsm8k" / "lora-r8_lr0.05_s0"
+    assert sorted(f for f in os.listdir(run) if f.startswith("adapter-step")) == \
+        ["adapter-step1.safetensors", "adapter-step2.safetensors"]
+    table = open(tmp_path / "results" / "gsm8k" / "table.md").read()
+    means = " | ".join(f"{p['test_loss']:.4f} ({p['test_loss']:.4f} to {p['test_loss']:.4f})" for p in r["curve"])
+    assert f"| lora-r8 | 1 | {means} |" in table
+    assert os.path.exists(tmp_path / "results" / "gsm8k" / "learning_curves.png")
 
 
 def test_claims_share_a_grid_between_processes(tmp_path, tiny_data, monkeypatch):
