@@ -120,11 +120,13 @@ def lr_search(args, method):
 
 def plan(args):
     """[(name, method, lr, seed)] in run order: the base model, the start grids (position by
-    position, so a partial grid still compares methods at the same lr when they share a grid), any lr
-    past an edge (see lr_search), then the extra seeds, seed by seed (a method's appear once its lr
-    search is complete)."""
+    position, middle first, so a partial grid already compares every method at its likeliest lr,
+    and at the same lr when they share a grid), any lr past an edge (see lr_search), then the extra
+    seeds, seed by seed (a method's appear once its lr search is complete)."""
     starts = {m: start_grid(args, m) for m in args.methods}
-    runs = [("base", "base", 0.0, 0)] + [(run_name(m, g[i], 0), m, g[i], 0) for i in range(max(map(len, starts.values())))
+    width = max(map(len, starts.values()))
+    middle_first = sorted(range(width), key=lambda i: abs(i - (width - 1) / 2))
+    runs = [("base", "base", 0.0, 0)] + [(run_name(m, g[i], 0), m, g[i], 0) for i in middle_first
                                          for m, g in starts.items() if i < len(g)]
     search = {m: lr_search(args, m) for m in args.methods}
     runs += [(run_name(m, lr, 0), m, lr, 0) for m, (grid, _) in search.items() for lr in grid if lr not in starts[m]]

@@ -126,9 +126,9 @@ def test_lrs_around_starts_each_method_where_the_earlier_study_chose(tmp_path):
     # ID-LoRA chose 2e-4 (after its grid grew to 6e-5, which was worse), LoRA 6e-4
     assert reproduce.start_grid(args, "idlora-r128-k4") == [6e-5, 2e-4, 6e-4]
     assert reproduce.start_grid(args, "lora-r16") == [2e-4, 6e-4, 2e-3]
-    assert [name for name, *_ in reproduce.plan(args)] == [
-        "base", "idlora-r128-k4_lr6e-05_s0", "lora-r16_lr0.0002_s0", "idlora-r128-k4_lr0.0002_s0",
-        "lora-r16_lr0.0006_s0", "idlora-r128-k4_lr0.0006_s0", "lora-r16_lr0.002_s0"]
+    assert [name for name, *_ in reproduce.plan(args)] == [                 # the earlier choice first
+        "base", "idlora-r128-k4_lr0.0002_s0", "lora-r16_lr0.0006_s0", "idlora-r128-k4_lr6e-05_s0",
+        "lora-r16_lr0.0002_s0", "idlora-r128-k4_lr0.0006_s0", "lora-r16_lr0.002_s0"]
     args.methods = ["lora-r8"]                                           # nothing searched for it in DIR
     with pytest.raises(SystemExit, match="lora-r8 has no complete learning-rate search"):
         reproduce.plan(args)
