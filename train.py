@@ -261,7 +261,7 @@ def heldout_loss(model, tok, pairs, max_len=512, batch_size=8, device="cpu"):
 # communication. DDP and FSDP average gradients over the ranks, and the batch's gradient is the
 # sum of the ranks' shares, so each rank scales its loss by the world size before backward.
 
-RANK = int(os.environ.get("RANK", 0))                # set by torchrun; 0 and 1 in a plain run
+RANK = int(os.environ.get("RANK", 0))                # set by torchrun; a plain run is rank 0 of 1
 WORLD = int(os.environ.get("WORLD_SIZE", 1))
 LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))    # the GPU of this rank on its node
 
@@ -280,22 +280,13 @@ def setup_distributed(args):
 
 def rank_share(batch, rank=RANK, world=WORLD):
     """This rank's examples of a batch: the rank-th of `world` contiguous, near-equal parts
-    (sizes differ by at most one). When the batch divides into world x micro-batch (parse_args
-    requires it of a full batch) rank r's micro-batches are exactly the micro-batches r*n ..
-    r*n+n-1 of one process; only an epoch's short last batch is split more finely."""
+    (sizes differ by at most one; all of it in one process). When the batch divides into world
+    x micro-batch (parse_args requires it of a full batch) rank r's micro-batches are exactly
+    the micro-batches r*n .. r*n+n-1 of one process; only an epoch's short last batch is split
+    otherwise."""
     n, extra = divmod(len(batch), world)
     start = rank * n + min(rank, extra)
     return batch[start:start + n + (rank < extra)]
-
-
-def check_last_batch(n_examples, batch_size, steps_per_epoch, total, world=WORLD):
-    """Every rank needs examples in every batch (a rank with none would wait forever for the
-    others' gradients): an epoch's short last batch must have at least one per rank."""
-    last = n_examples % batch_size
-    if 0 < last < world and total >= steps_per_epoch:
-        raise ValueError(f"the last batch of each epoch has {last} example(s) ({n_examples} examples, "
-                         f"--batch-size {batch_size}), fewer than the {world} processes: change "
-                         f"--max-examples or --batch-size")
 
 
 def sync_gradients(model, sync):
@@ -338,7 +329,8 @@ def build_model_once(args):
         if RANK == 0:
             model, tok = build_model(args)
             idlora.save_adapter(model, path)
-            box = [open(path, "rb").read()]
+            with open(path, "rb") as f:
+                box = [f.read()]
         else:
             model, tok = build_model(argparse.Namespace(**{**vars(args), "resume": True}))   # unpatched
         dist.broadcast_object_list(box, src=0, group=group)
@@ -421,11 +413,12 @@ def full_parameters(model):
 
 
 def stop_on_sigint():
-    """Ctrl-C under torchrun reaches every rank, each somewhere in its step (and torchrun passes
-    it on once more). Stopping each where it is would leave ranks waiting in collectives and
-    FSDP's shards unsaveable, so the signal only sets a flag; the ranks agree on it at the end
-    of the step (with the loss, one all-reduce), then save together, once. torchrun waits 30 s
-    (--shutdown-timeout) before it kills them."""
+    """Ctrl-C in the terminal reaches torchrun, which passes SIGINT to each rank of its node,
+    each somewhere in its step. Stopping each where it is would leave ranks waiting in
+    collectives and FSDP's shards unsaveable, so the signal only sets a flag; the ranks agree on
+    it at the end of the step (with the loss, one all-reduce: on several nodes one node's Ctrl-C
+    stops them all), then save together, once. torchrun kills ranks that have not exited 30 s
+    after the signal (--shutdown-timeout); the last periodic checkpoint then stands."""
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     return stop
@@ -608,7 +601,6 @@ def train(args):
     print(f"{len(kept):,} examples ({truncated} truncated to {args.max_len} tokens)")
     steps_per_epoch = math.ceil(len(kept) / args.batch_size)
     total = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
-    check_last_batch(len(kept), args.batch_size, steps_per_epoch, total)
 
     os.makedirs(out, exist_ok=True)
     state = load_checkpoint(out, model, args.method) if args.resume else None
@@ -646,15 +638,20 @@ def train(args):
             order = epoch_order(len(kept), args.seed, epoch)
             batch = [kept[i] for i in order[pos * args.batch_size:(pos + 1) * args.batch_size]]
             n_tok = sum(sum(l != -100 for l in y[1:]) for _, y in batch)   # response tokens predicted
-            mine = rank_share(batch)                                      # all of it in one process
+            mine, mb = rank_share(batch), args.micro_batch_size
+            # Every rank makes the same number of passes: under FSDP each one gathers every layer's
+            # shards from all ranks. A rank short of examples (only ever in an epoch's short last
+            # batch) makes its missing pass on the batch's first example, with the loss times 0.
+            n_micro = math.ceil(math.ceil(len(batch) / WORLD) / mb)
             loss_sum = 0.0
-            for i in range(0, len(mine), args.micro_batch_size):
-                sync_gradients(model, i + args.micro_batch_size >= len(mine))
-                ids, labels, mask = (t.to(args.device) for t in collate(mine[i:i + args.micro_batch_size], tok.pad_token_id))
-                loss = response_loss_sum(model, ids, labels, mask) / n_tok    # mean over the whole batch
+            for j in range(n_micro):
+                part = mine[j * mb:(j + 1) * mb]
+                sync_gradients(model, j == n_micro - 1)
+                ids, labels, mask = (t.to(args.device) for t in collate(part or batch[:1], tok.pad_token_id))
+                loss = response_loss_sum(model, ids, labels, mask) / n_tok * bool(part)   # mean over the whole batch
                 (loss * WORLD).backward()          # DDP/FSDP average the ranks' gradients; we need their sum
                 loss_sum += loss.item()
-                tokens += int(mask.sum())
+                tokens += int(mask.sum()) * bool(part)
             seen, stopping = tokens, False
             if args.parallel:                      # the batch's loss, everyone's tokens, any rank told to stop
                 loss_sum, seen, stopping = summed([loss_sum, tokens, stop.is_set()], args.device)
