@@ -268,14 +268,16 @@ LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))    # the GPU of this rank on i
 
 def setup_distributed(args):
     """Join torchrun's process group: NCCL with one GPU per rank, or gloo on CPUs. Only rank 0
-    prints (the others' stdout is discarded; their errors still reach stderr)."""
+    prints (the others' stdout and progress bars are off; their errors still reach stderr)."""
     cuda = torch.device(args.device).type == "cuda"
     if cuda:
         args.device = f"cuda:{LOCAL_RANK}"
         torch.cuda.set_device(args.device)
     dist.init_process_group("nccl" if cuda else "gloo")
     if RANK:
+        from transformers.utils import logging
         sys.stdout = open(os.devnull, "w")
+        logging.disable_progress_bar()
 
 
 def rank_share(batch, rank=RANK, world=WORLD):

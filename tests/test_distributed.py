@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Run train.main as train.py would, but log each clustering call with its rank, and at micro-step
 # STOP_AT of rank 0 either press Ctrl-C (SIGINT to torchrun, as a terminal does) or die by SIGKILL.
 LAUNCHER = """
-import os, signal, sys
+import os, signal, sys, time
 import idlora, train
 
 real_cluster, real_loss, calls = idlora.cluster_rows, train.response_loss_sum, [0]
@@ -42,7 +42,16 @@ def cluster_rows(*a, **kw):
 def response_loss_sum(*a):
     calls[0] += 1
     if train.RANK == 0 and calls[0] == int(os.environ["STOP_AT"]):
-        os.kill(os.getppid(), signal.SIGINT) if os.environ["HOW"] == "sigint" else os.kill(os.getpid(), signal.SIGKILL)
+        if os.environ["HOW"] == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        # Ctrl-C goes to torchrun, which passes it to the ranks: wait until it is here, so the
+        # run stops after this step whatever the machine's load.
+        got, handler = [], signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, lambda *s: (handler(*s), got.append(1)))
+        os.kill(os.getppid(), signal.SIGINT)
+        deadline = time.time() + 60
+        while not got and time.time() < deadline:
+            time.sleep(0.01)
     return real_loss(*a)
 
 idlora.cluster_rows, train.response_loss_sum = cluster_rows, response_loss_sum
