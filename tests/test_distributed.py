@@ -13,7 +13,6 @@ summation order becomes a visible difference in the update at high learning rate
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
