@@ -4,13 +4,15 @@ Fine-tune a causal LM with ID-LoRA, LoRA or full fine-tuning: one plain PyTorch 
     python train.py --task gsm8k --rank 128 --k 4            # embedded SmolLM2-135M, offline
     python train.py --task gsm8k --model meta-llama/Meta-Llama-3-8B      # the paper's run, one GPU
     python train.py --task gsm8k --max-steps 100 --resume                # continue a killed run
+    torchrun --nproc_per_node 8 train.py --task gsm8k --model meta-llama/Meta-Llama-3-8B   # 8 GPUs, DDP
 
 Data comes from the `data` package (local files first, the Hugging Face hub last). Every
 example becomes Alpaca's prompt + the response + eos; the loss covers the response only.
 Batches of --batch-size examples (default 32, the paper's) are reached by gradient
 accumulation over --micro-batch-size. AdamW, no warmup, linear decay (paper Tables 4-5).
 The output folder gets adapter.safetensors (or model/ for --method full), state.pt (the
-optimizer, for --resume), metrics.jsonl and loss.png.
+optimizer, for --resume), metrics.jsonl and loss.png. Under torchrun the same loop runs in
+every process, with DDP or FSDP2 (--parallel), and makes the update one process would.
 """
 
 import argparse
@@ -20,9 +22,16 @@ import math
 import os
 import random
 import shutil
+import signal
+import sys
+import tempfile
+import threading
 import time
+from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -254,30 +263,235 @@ def heldout_loss(model, tok, pairs, max_len=512, batch_size=8, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: written to a temporary name, then renamed, so a kill never leaves half a file
+# Many processes: `torchrun --nproc_per_node N train.py ...` runs this file N times, one
+# process (rank) per GPU. Every rank loads the same data and model and walks the same batches;
+# each trains on its own share of every batch, and DDP (replicate the model) or FSDP2 (shard
+# it: https://pytorch.org/docs/stable/distributed.fsdp.fully_shard.html) reduces the
+# gradients. A plain `python train.py` uses none of this.
+#
+# The update is the one a single process makes. --batch-size stays the global batch. The loss
+# of a batch is its summed response-token cross-entropy divided by the batch's response-token
+# count; every rank holds the whole batch, so each computes that count alike, with no
+# communication. DDP and FSDP average gradients over the ranks, and the batch's gradient is the
+# sum of the ranks' shares, so each rank scales its loss by the world size before backward.
+
+RANK = int(os.environ.get("RANK", 0))                # set by torchrun; a plain run is rank 0 of 1
+WORLD = int(os.environ.get("WORLD_SIZE", 1))
+LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))    # the GPU of this rank on its node
+
+
+def setup_distributed(args):
+    """Join torchrun's process group: NCCL with one GPU per rank, or gloo on CPUs. Only rank 0
+    prints (the others' stdout and progress bars are off; their errors still reach stderr)."""
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:
+        args.device = f"cuda:{LOCAL_RANK}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if RANK:
+        from transformers.utils import logging
+        sys.stdout = open(os.devnull, "w")
+        logging.disable_progress_bar()
+
+
+def rank_share(batch, mb, rank=RANK, world=WORLD):
+    """This rank's micro-batches of a batch: the micro-batches of `mb` examples one process would
+    make, cut into `world` contiguous runs whose lengths differ by at most one. So every pass is
+    one a single process makes too, with the same padding, and only the order in which the
+    gradients are summed differs; on a full batch (parse_args requires world x mb to divide it)
+    rank r takes micro-batches r*n .. r*n+n-1."""
+    micro = [batch[i:i + mb] for i in range(0, len(batch), mb)]
+    n, extra = divmod(len(micro), world)
+    start = rank * n + min(rank, extra)
+    return micro[start:start + n + (rank < extra)]
+
+
+def sync_gradients(model, sync):
+    """Reduce gradients across ranks on a batch's last micro-step only; before it each rank
+    accumulates its own (what DDP's no_sync() does; nanoGPT sets the same flag)."""
+    if not dist.is_initialized():
+        return
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    if isinstance(model, DDP):
+        model.require_backward_grad_sync = sync
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
+
+
+def summed(values, device):
+    """Each of `values` summed over the ranks, in one all-reduce (float64)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def build_model_once(args):
+    """build_model in a distributed run, with the patching done once: rank 0 builds and patches
+    (for ID-LoRA that is PMRC, or reading its cache) and sends its adapter file, with the
+    (k, r) row indices and the initial B and router, to the other ranks, which build the base
+    model alone and load the adapter as --resume would. So no rank clusters a second time, and
+    every rank starts from the same adapter (FSDP shards whatever each rank holds; DDP would
+    copy rank 0's). It runs before fully_shard, so the clustering reads the full weights.
+    Resumed and --method full runs need nothing from rank 0."""
+    if args.resume or args.method == "full":
+        return build_model(args)
+    # The others wait while rank 0 clusters (LLaMA-3-8B: 3 min on 2 CPU cores; 70B about 10x the
+    # work): on a CPU group with a long timeout, not on NCCL's 10 minutes. If rank 0 fails,
+    # torchrun stops them.
+    group = dist.new_group(backend="gloo", timeout=timedelta(days=1))
+    box = [None]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "adapter.safetensors")
+        if RANK == 0:
+            model, tok = build_model(args)
+            idlora.save_adapter(model, path)
+            with open(path, "rb") as f:
+                box = [f.read()]
+        else:
+            model, tok = build_model(argparse.Namespace(**{**vars(args), "resume": True}))   # unpatched
+        dist.broadcast_object_list(box, src=0, group=group)
+        if RANK:
+            with open(path, "wb") as f:
+                f.write(box[0])
+            idlora.load_adapter(model, path, args.adapter_fp32)
+    dist.destroy_process_group(group)
+    return model, tok
+
+
+def decoder_layers(model):
+    """The repeated blocks of a Hugging Face model (LlamaDecoderLayer, ...): the classes it names
+    as never to be split across devices."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"--parallel fsdp: found no decoder layers ({sorted(names)}) in {type(model).__name__}")
+    return layers
+
+
+def wrap(model, args):
+    """DDP replicates the patched model on each rank's device. FSDP2 shards each decoder layer,
+    bottom-up, then the root (embeddings, final norm, lm_head): a layer's W0 (bf16 on CUDA), its
+    adapters' B and router (float32) and their row indices live in one group, gathered for the
+    layer's forward and backward and freed after. FSDP2 all-gathers a group of mixed dtypes as
+    bytes, and reduce-scatters only the gradients, all float32, so no MixedPrecisionPolicy is
+    needed: one that set param_dtype would run the adapters in bf16."""
+    if args.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # The buffers (row indices, rotary frequencies) never change: no need to copy them every forward
+        return DDP(model, device_ids=[LOCAL_RANK] if model.device.type == "cuda" else None,
+                   forward_sync_buffers=False)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(torch.device(args.device).type, (WORLD,))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)       # the CPU-loaded layer moves to the GPU as shards
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def full_tensors(tree):
+    """`tree` (e.g. an optimizer state_dict) with every DTensor shard replaced by its full value
+    on the CPU: an all-gather, which every rank must call in the same order. No-op without FSDP."""
+    from torch.distributed.tensor import DTensor
+    from torch.utils._pytree import tree_map
+    return tree_map(lambda t: t.full_tensor().cpu() if isinstance(t, DTensor) else t, tree)
+
+
+def sharded_like(opt_state, params):
+    """The inverse for an AdamW state_dict: each full moment of a DTensor parameter becomes this
+    rank's shard of it, so any run's state.pt (one process, DDP, FSDP on any number of ranks)
+    resumes under FSDP."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    for i, p in enumerate(params):
+        for key, t in opt_state["state"].get(i, {}).items():
+            if isinstance(p, DTensor) and t.shape == p.shape:        # exp_avg, exp_avg_sq; not step
+                opt_state["state"][i][key] = distribute_tensor(t.to(p.device), p.device_mesh, p.placements,
+                                                               src_data_rank=None)   # every rank has t
+    return opt_state
+
+
+@contextmanager
+def full_parameters(model):
+    """Under FSDP each trainable tensor is a DTensor holding this rank's shard. Inside the block
+    each holds its full value instead (all-gathered: every rank must enter), so
+    idlora.save_adapter writes the same file as one process; the shards go back afterwards.
+    Only trainable tensors are gathered: for an adapter, never the frozen base weights."""
+    from torch.distributed.tensor import DTensor
+    swapped = [(m, name, p) for m in model.modules() for name, p in m.named_parameters(recurse=False)
+               if p.requires_grad and isinstance(p, DTensor)]
+    for m, name, p in swapped:
+        m._parameters[name] = torch.nn.Parameter(p.full_tensor(), requires_grad=False)
+    try:
+        yield
+    finally:
+        for m, name, p in swapped:
+            m._parameters[name] = p
+
+
+def stop_on_sigint():
+    """Ctrl-C in the terminal reaches torchrun, which passes SIGINT to each rank of its node,
+    each somewhere in its step. Stopping each where it is would leave ranks waiting in
+    collectives and FSDP's shards unsaveable, so the signal only sets a flag; the ranks agree on
+    it at the end of the step (with the loss, one all-reduce: on several nodes one node's Ctrl-C
+    stops them all), then save together, once. torchrun kills ranks that have not exited 30 s
+    after the signal (--shutdown-timeout); the last periodic checkpoint then stands."""
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    return stop
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: written to a temporary name, then renamed, so a kill never leaves half a file.
+# In a distributed run every rank calls save_checkpoint (under FSDP the gathering is a
+# collective) and rank 0 writes the same files as one process, which any run can resume.
 
 
 def save_checkpoint(out, model, opt, sched, step, method):
-    if method == "full":      # save_model, not save_file: it handles tied (shared) weights
-        from safetensors.torch import save_model
-        save_model(model, os.path.join(out, "model.safetensors.tmp"))
-        os.replace(os.path.join(out, "model.safetensors.tmp"), os.path.join(out, "model.safetensors"))
-    else:
-        idlora.save_adapter(model, os.path.join(out, "adapter.safetensors"))
-    state = dict(step=step, opt=opt.state_dict(), sched=sched.state_dict(), rng=torch.get_rng_state())
+    opt_state = full_tensors(opt.state_dict())
+    with full_parameters(model):
+        if RANK != 0:
+            return
+        if method == "full":      # save_model, not save_file: it handles tied (shared) weights
+            from safetensors.torch import save_model
+            save_model(model, os.path.join(out, "model.safetensors.tmp"))
+            os.replace(os.path.join(out, "model.safetensors.tmp"), os.path.join(out, "model.safetensors"))
+        else:
+            idlora.save_adapter(model, os.path.join(out, "adapter.safetensors"))
+    state = dict(step=step, opt=opt_state, sched=sched.state_dict(), rng=torch.get_rng_state())
     torch.save(state, os.path.join(out, "state.pt.tmp"))
     os.replace(os.path.join(out, "state.pt.tmp"), os.path.join(out, "state.pt"))
 
 
 def load_checkpoint(out, model, method, fp32=False):
     """Restore the trained tensors into `model` (adapter layers are rebuilt from the file, with
-    no clustering) and return the saved training state."""
+    no clustering) and return the saved training state (on the CPU: the optimizer's
+    load_state_dict moves it to the parameters' device)."""
     if method == "full":
         from safetensors.torch import load_model as load_weights
         load_weights(model, os.path.join(out, "model.safetensors"))
     else:
         idlora.load_adapter(model, os.path.join(out, "adapter.safetensors"), fp32)
-    return torch.load(os.path.join(out, "state.pt"), weights_only=False)
+    return torch.load(os.path.join(out, "state.pt"), map_location="cpu", weights_only=False)
+
+
+def truncate_metrics(path, step):
+    """Keep the rows of steps <= `step`. A run killed without Ctrl-C (SIGKILL, a crash, a lost
+    node) logged the steps after its last checkpoint, and --resume logs them again; a row cut
+    short by the kill is dropped too."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    for line in open(path):
+        try:
+            if json.loads(line)["step"] > step:
+                break
+        except json.JSONDecodeError:
+            break
+        keep.append(line)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
 
 
 def plot_losses(out):
@@ -340,6 +554,9 @@ def parse_args(argv=None):
     p.add_argument("--no-grad-ckpt", action="store_true", help="turn gradient checkpointing off")
     p.add_argument("--cluster-cache", default=os.path.join(CACHE, "rows"), help="PMRC row-index cache ('' = off)")
     p.add_argument("--cluster-jobs", type=int, default=1, help="matrices clustered in parallel processes")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"],
+                   help="under torchrun: ddp replicates the model on every GPU, fsdp (FSDP2) shards it "
+                        "(for models one GPU cannot hold); default ddp when torchrun starts more than one process")
     args = p.parse_args(argv)
     args.alpha = args.alpha or 2.0 * args.rank
     args.lr = args.lr or TASK_LR[args.task]
@@ -351,15 +568,26 @@ def parse_args(argv=None):
         p.error(f"--save-at takes step numbers like 16,32,64, got {args.save_at!r}")
     if args.batch_size % args.micro_batch_size:
         p.error(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {args.micro_batch_size}")
+    if args.parallel and "RANK" not in os.environ:
+        p.error(f"--parallel {args.parallel} needs torchrun: torchrun --nproc_per_node N train.py ...")
+    args.parallel = args.parallel or ("ddp" if WORLD > 1 else None)
+    if args.parallel == "fsdp" and args.method == "full":
+        p.error("--parallel fsdp trains adapters; for --method full use --parallel ddp")
+    if args.batch_size % (args.micro_batch_size * WORLD):
+        p.error(f"--batch-size {args.batch_size} cannot be split evenly into {WORLD} processes x "
+                f"--micro-batch-size {args.micro_batch_size}: make it a multiple of {args.micro_batch_size * WORLD}")
     return args
 
 
 def build_model(args):
     dtype = resolve_dtype(args.dtype, args.device)
+    # Under FSDP every rank loads the model on the CPU and fully_shard moves only its shard of
+    # each layer to the GPU: the whole model never sits on one GPU (70B's bf16 weights are 140 GB).
+    device = "cpu" if args.parallel == "fsdp" else args.device
     if args.model_config:
-        model, tok = model_from_config(args.model_config, dtype, args.device)
+        model, tok = model_from_config(args.model_config, dtype, device)
     else:
-        model, tok = load_model(args.model, dtype, args.device)
+        model, tok = load_model(args.model, dtype, device)
     if not args.no_grad_ckpt:
         model.activation_checkpointing_enable()
         model.config.use_cache = False
@@ -391,7 +619,7 @@ def train(args):
         raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or another --output-dir")
     records = read_jsonl(args.train_file) if args.train_file else task_records(args.task, args.data_dir, args.seed)
     records = records[: args.max_examples]
-    model, tok = build_model(args)
+    model, tok = build_model_once(args) if args.parallel else build_model(args)
 
     examples = [encode(tok, *to_pair(r), args.max_len) for r in records]
     kept = [e for e in examples if any(l != -100 for l in e[1])]
@@ -404,21 +632,33 @@ def train(args):
 
     os.makedirs(out, exist_ok=True)
     state = load_checkpoint(out, model, args.method, args.adapter_fp32) if args.resume else None
+    raw = model                                # what is saved; under DDP `model` is its wrapper
+    if args.parallel:
+        model = wrap(model, args)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total))  # no warmup, linear decay
     step = 0
     if state:
-        opt.load_state_dict(state["opt"])
+        opt.load_state_dict(sharded_like(state["opt"], params) if args.parallel == "fsdp" else state["opt"])
         sched.load_state_dict(state["sched"])
         torch.set_rng_state(state["rng"])      # dropout masks continue as in an uninterrupted run
         step = state["step"]
+        if RANK == 0:
+            truncate_metrics(os.path.join(out, "metrics.jsonl"), step)
         print(f"resumed {out} at step {step}/{total}")
-    with open(os.path.join(out, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
+    if WORLD > 1:
+        # Each rank draws its own dropout masks (until now every rank drew the same numbers, so
+        # that all built the same adapter). So with --dropout > 0 a distributed run differs from
+        # one process, and a resumed one from an uninterrupted one, by its masks.
+        torch.manual_seed(hash((args.seed, step, RANK)) % 2**63)
+    if RANK == 0:
+        with open(os.path.join(out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
 
+    stop = stop_on_sigint() if args.parallel else threading.Event()   # plain run: Ctrl-C raises
     model.train()
-    bar = tqdm(total=total, initial=step, desc=f"train {args.task} ({args.method})")
+    bar = tqdm(total=total, initial=step, desc=f"train {args.task} ({args.method})", disable=RANK > 0)
     t0, tokens, saved = time.time(), 0, step
     try:
         while step < total:
@@ -426,13 +666,23 @@ def train(args):
             order = epoch_order(len(kept), args.seed, epoch)
             batch = [kept[i] for i in order[pos * args.batch_size:(pos + 1) * args.batch_size]]
             n_tok = sum(sum(l != -100 for l in y[1:]) for _, y in batch)   # response tokens predicted
+            mine = rank_share(batch, args.micro_batch_size)
+            # Every rank makes the same number of passes: under FSDP each one gathers every layer's
+            # shards from all ranks. A rank short of micro-batches (only ever in an epoch's short
+            # last batch) makes its missing pass on the batch's first example, with the loss times 0.
+            n_micro = math.ceil(math.ceil(len(batch) / args.micro_batch_size) / WORLD)
             loss_sum = 0.0
-            for i in range(0, len(batch), args.micro_batch_size):
-                ids, labels, mask = (t.to(args.device) for t in collate(batch[i:i + args.micro_batch_size], tok.pad_token_id))
-                loss = response_loss_sum(model, ids, labels, mask) / n_tok    # mean over the whole batch
-                loss.backward()
+            for j in range(n_micro):
+                part = mine[j] if j < len(mine) else []
+                sync_gradients(model, j == n_micro - 1)
+                ids, labels, mask = (t.to(args.device) for t in collate(part or batch[:1], tok.pad_token_id))
+                loss = response_loss_sum(model, ids, labels, mask) / n_tok * bool(part)   # mean over the whole batch
+                (loss * WORLD).backward()          # DDP/FSDP average the ranks' gradients; we need their sum
                 loss_sum += loss.item()
-                tokens += int(mask.sum())
+                tokens += int(mask.sum()) * bool(part)
+            seen, stopping = tokens, False
+            if args.parallel:                      # the batch's loss, everyone's tokens, any rank told to stop
+                loss_sum, seen, stopping = summed([loss_sum, tokens, stop.is_set()], args.device)
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(f"loss is {loss_sum} at step {step + 1}: not saved (last good checkpoint: "
                                          f"step {saved} in {out}); try a lower --lr")
@@ -442,36 +692,45 @@ def train(args):
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            rate = tokens / (time.time() - t0)
-            row = dict(step=step, epoch=epoch, loss=loss_sum, lr=lr, tokens_per_s=round(rate, 1))
-            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
+            rate = seen / (time.time() - t0)
+            if RANK == 0:
+                row = dict(step=step, epoch=epoch, loss=loss_sum, lr=lr, tokens_per_s=round(rate, 1))
+                with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
             bar.update()
             if step % args.save_every == 0 or step == total or step in args.save_at:
-                save_checkpoint(out, model, opt, sched, step, args.method)
+                save_checkpoint(out, raw, opt, sched, step, args.method)
                 saved = step
-            if step in args.save_at and args.method != "full":
+            if step in args.save_at and args.method != "full" and RANK == 0:
                 shutil.copy(os.path.join(out, "adapter.safetensors"), os.path.join(out, f"adapter-step{step}.safetensors"))
+            if stopping and step < total:
+                raise KeyboardInterrupt            # every rank, after the same step
     except KeyboardInterrupt:
         if saved < step:
-            save_checkpoint(out, model, opt, sched, step, args.method)
+            save_checkpoint(out, raw, opt, sched, step, args.method)
         bar.close()
-        raise SystemExit(f"interrupted: saved step {step} to {out}; continue with --resume")
+        raise SystemExit(f"interrupted: saved step {step} to {out}; continue with --resume" if RANK == 0 else 1)
     bar.close()
-    plot_losses(out)
+    if RANK == 0:
+        plot_losses(out)
     if torch.device(args.device).type == "cuda":
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" +
+              (f" (rank 0 of {WORLD})" if args.parallel else ""))
     print(f"done: {step} steps; adapter, metrics.jsonl and loss.png in {out}")
     return out
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.parallel:
+        setup_distributed(args)
     try:
         train(args)
     except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}" if RANK == 0 else 1)     # one line, not one per rank
+    if args.parallel:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
