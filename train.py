@@ -160,7 +160,7 @@ def model_from_config(config_name, dtype, device):
 # -----------------------------------------------------------------------------
 # Data: (prompt, response) pairs, tokenized with the loss on the response only
 
-# Paper Tables 4-5 (LLaMA-3-8B). Multi-task's learning rate is not given; we use GSM8K's.
+# Paper Tables 4-5 (LLaMA-3-8B): lr 5e-5 for GSM8K, code and multi-task (Table 5), 1e-4 for safety.
 TASK_LR = {"gsm8k": 5e-5, "code": 5e-5, "safety": 1e-4, "multitask": 5e-5}
 TASK_EPOCHS = {"gsm8k": 3, "code": 2, "safety": 2, "multitask": 2}
 
@@ -554,6 +554,10 @@ def parse_args(argv=None):
     p.add_argument("--no-grad-ckpt", action="store_true", help="turn gradient checkpointing off")
     p.add_argument("--cluster-cache", default=os.path.join(CACHE, "rows"), help="PMRC row-index cache ('' = off)")
     p.add_argument("--cluster-jobs", type=int, default=1, help="matrices clustered in parallel processes")
+    p.add_argument("--kmeans-inits", type=int, default=1, help="PMRC k-means starts per matrix (the paper gives none; "
+                   "results/bench.md section 7: a second start moves rows as much as a new seed does)")
+    p.add_argument("--kmeans-iters", type=int, default=20, help="PMRC k-means iterations at most (100 instead of 20 "
+                   "changed no selected row on 7 of 9 SmolLM2 matrices)")
     p.add_argument("--parallel", choices=["ddp", "fsdp"],
                    help="under torchrun: ddp replicates the model on every GPU, fsdp (FSDP2) shards it "
                         "(for models one GPU cannot hold); default ddp when torchrun starts more than one process")
@@ -562,6 +566,9 @@ def parse_args(argv=None):
     args.lr = args.lr or TASK_LR[args.task]
     args.epochs = args.epochs or TASK_EPOCHS[args.task]
     args.output_dir = args.output_dir or os.path.join("runs", f"{args.task}-{args.method}-r{args.rank}")
+    for flag in ("kmeans_inits", "kmeans_iters", "cluster_jobs"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
     try:
         args.save_at = sorted({int(x) for x in args.save_at.split(",") if x})
     except ValueError:
@@ -601,7 +608,8 @@ def build_model(args):
         rep = idlora.apply_idlora(model, r=args.rank, k=args.k, alpha=args.alpha, boost=args.boost,
                                   dropout=args.dropout, targets=targets, selection=args.selection,
                                   seed=args.seed, cache_dir=args.cluster_cache or None,
-                                  n_jobs=args.cluster_jobs, fp32=args.adapter_fp32)
+                                  n_init=args.kmeans_inits, max_iter=args.kmeans_iters, n_jobs=args.cluster_jobs,
+                                  fp32=args.adapter_fp32)
     elif args.method == "lora":
         rep = idlora.apply_lora(model, r=args.rank, alpha=args.alpha, dropout=args.dropout, targets=targets,
                                 fp32=args.adapter_fp32)
@@ -658,8 +666,11 @@ def train(args):
 
     stop = stop_on_sigint() if args.parallel else threading.Event()   # plain run: Ctrl-C raises
     model.train()
+    cpu = torch.device(args.device).type == "cpu"
+    print(f"{total - step:,} optimizer steps of {args.batch_size} examples to go" +
+          (" (on a CPU: the paper's defaults are sized for a GPU; the time per step follows the first)" if cpu else ""))
     bar = tqdm(total=total, initial=step, desc=f"train {args.task} ({args.method})", disable=RANK > 0)
-    t0, tokens, saved = time.time(), 0, step
+    t0, tokens, saved, first = time.time(), 0, step, step
     try:
         while step < total:
             epoch, pos = divmod(step, steps_per_epoch)
@@ -699,6 +710,10 @@ def train(args):
                     f.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
             bar.update()
+            if cpu and step == first + 1 and step < total and RANK == 0:
+                took = time.time() - t0
+                bar.write(f"the first step took {took:.0f} s: about {took * (total - step) / 3600:.1f} h "
+                          f"for the other {total - step:,}")
             if step % args.save_every == 0 or step == total or step in args.save_at:
                 save_checkpoint(out, raw, opt, sched, step, args.method)
                 saved = step

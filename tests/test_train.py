@@ -7,12 +7,14 @@ two steps of the embedded model on GSM8K.
 
 import json
 import os
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import idlora
 import train
 
 
@@ -120,8 +122,12 @@ def test_multitask_names_the_missing_part(monkeypatch):
 # The loop on a tiny random LLaMA
 
 
-def test_loss_falls_and_adapter_is_written(tmp_path, tiny_model_dir, gsm8k_dir):
+def test_loss_falls_and_adapter_is_written(tmp_path, tiny_model_dir, gsm8k_dir, capsys):
     out = run(tmp_path, tiny_model_dir, gsm8k_dir, "--max-steps", "12")
+    printed = capsys.readouterr()
+    assert "12 optimizer steps of 8 examples to go (on a CPU" in printed.out      # before it starts
+    took = re.search(r"the first step took (\d+) s: about ([\d.]+) h for the other 11", printed.out + printed.err)
+    assert took and float(took[2]) == pytest.approx(int(took[1]) * 11 / 3600, abs=0.051)
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.2, [r["loss"] for r in rows]   # from ln(vocab) = 10.8
@@ -129,6 +135,23 @@ def test_loss_falls_and_adapter_is_written(tmp_path, tiny_model_dir, gsm8k_dir):
     for f in ("adapter.safetensors", "state.pt", "loss.png", "args.json"):
         assert os.path.exists(os.path.join(out, f)), f
     assert torch.load(os.path.join(out, "state.pt"), weights_only=False)["step"] == 12
+
+
+def test_kmeans_flags_reach_pmrc_and_its_cache_key(tmp_path, tiny_model_dir, gsm8k_dir, monkeypatch, capsys):
+    calls = []
+    real = idlora.cluster_rows
+    monkeypatch.setattr(idlora, "cluster_rows", lambda *a: calls.append(a[3:]) or real(*a))
+    cache = str(tmp_path / "rows")
+    for i, (inits, iters) in enumerate(((2, 3), (2, 3), (1, 3))):
+        train.main(["--task", "gsm8k", "--model", tiny_model_dir, "--data-dir", gsm8k_dir, "--output-dir",
+                    str(tmp_path / f"run{i}"), "--rank", "8", "--k", "2", "--batch-size", "4", "--micro-batch-size", "4",
+                    "--max-len", "64", "--max-steps", "1", "--cluster-cache", cache,
+                    "--kmeans-inits", str(inits), "--kmeans-iters", str(iters)])
+    # (selection, seed, n_init, max_iter) of every clustering: 14 matrices, then none (cached), then 14 again
+    assert calls == [("cluster", 0, 2, 3)] * 14 + [("cluster", 0, 1, 3)] * 14
+    with pytest.raises(SystemExit):
+        train.parse_args(["--kmeans-iters", "0"])
+    assert "--kmeans-iters must be at least 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("method", ["idlora", "full"])
