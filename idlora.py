@@ -25,6 +25,8 @@ z, since x is never multiplied by A separately.
 
 This file has everything: clustering, the ID-LoRA layer, a plain LoRA baseline, patching a
 Hugging Face model, and adapter save/load. It imports nothing else from this project.
+baselines.py adds the paper's other baselines (DoRA, HydraLoRA, MoELoRA) through this file's
+patching and save/load, and the table of methods the scripts read.
 
     python idlora.py          # prints the trainable-parameter table for LLaMA-3-8B (paper Table 6)
 """
@@ -419,18 +421,18 @@ def read_adapter_config(path):
         return json.loads(f.metadata()["adapter_config"])
 
 
-def load_adapter(model, path, layers=None):
+def load_adapter(model, path, makers=None):
     """Rebuild the adapter layers saved in `path` on a fresh base model (no clustering) and
-    load their tensors. `layers` maps a method to the function that makes one of its layers,
+    load their tensors. `makers` maps a method to the function that makes one of its layers,
     (nn.Linear, saved settings, rank, saved tensors) -> layer; by default this file's two
     (baselines.load_adapter passes every method's). Each saved tensor must have the shape of
     the rebuilt layer's: a model whose shapes differ from the saved adapter is an error."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no adapter file at {path}")
-    layers = layers or {"idlora": idlora_layer, "lora": lora_layer}
+    makers = makers or {"idlora": idlora_layer, "lora": lora_layer}
     cfg = read_adapter_config(path)
-    if cfg["method"] not in layers:
-        raise ValueError(f"{path} holds a {cfg['method']!r} adapter; this loader knows {sorted(layers)}")
+    if cfg["method"] not in makers:
+        raise ValueError(f"{path} holds a {cfg['method']!r} adapter; this loader knows {sorted(makers)}")
     saved = {}                                         # {layer name: {tensor name: tensor}}
     for key, t in load_file(path).items():
         name, _, t_name = key.rpartition(".")
@@ -442,7 +444,7 @@ def load_adapter(model, path, layers=None):
                              f"(was it saved from a different architecture?)")
 
     def make(name, lin):
-        new = layers[cfg["method"]](lin, cfg, cfg["ranks"][name], saved.get(name, {}))
+        new = makers[cfg["method"]](lin, cfg, cfg["ranks"][name], saved.get(name, {}))
         own = adapter_tensors(new)
         want = {t: tuple(v.shape) for t, v in own.items()}
         got = {t: tuple(v.shape) for t, v in saved.get(name, {}).items()}

@@ -295,15 +295,15 @@ def load_checkpoint(out, model, method):
     return torch.load(os.path.join(out, "state.pt"), weights_only=False)
 
 
-def load_trained(out, device="cpu", dtype=None):
+def load_trained(out, device="cpu", dtype=None, base=None):
     """(model, tokenizer) of a finished run in `out`, whatever its method: the fine-tuned model
-    folder out/model, or the adapter's recorded base model with out/adapter.safetensors on it."""
+    folder out/model, or out/adapter.safetensors on its base model (`base`, else the one it records)."""
     if os.path.isdir(os.path.join(out, "model")):
         return load_model(os.path.join(out, "model"), dtype, device)
     adapter = os.path.join(out, "adapter.safetensors")
     if not os.path.exists(adapter):
         raise FileNotFoundError(f"{out} holds no trained run (neither model/ nor adapter.safetensors)")
-    model, tok = load_model(idlora.read_adapter_config(adapter)["base_model"] or None, dtype, device)
+    model, tok = load_model(base or idlora.read_adapter_config(adapter)["base_model"] or None, dtype, device)
     baselines.load_adapter(model, adapter)
     return model, tok
 

@@ -265,7 +265,7 @@ def one_run(args, name, method, lr, seed, records, val, test):
     if method == "base":
         model, tok = train.load_model(args.model, None, args.device)
     else:
-        model, tok = train.load_trained(out, args.device)      # the adapter on its base model, or model/
+        model, tok = train.load_trained(out, args.device, base=args.model)    # the adapter on the base, or model/
     val_loss, test_loss = losses(args, model, tok, val), losses(args, model, tok, test)
     row = dict(study=args.study, run=name, method=method, lr=lr, seed=seed,
                trainable=idlora.count_trainable(model) if method != "base" else 0,
