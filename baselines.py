@@ -128,8 +128,8 @@ class HydraLoRALinear(nn.Module):
     As the authors' code (the Linear class of HydraLoRA/peft/tuners/lora.py): A (r, d_in) and the
     router W_g (k, d_in), a bias-free nn.Linear(d_in, k), both with nn.Linear's Kaiming-uniform
     init; every B_i (d_out, r) zero; the router reads x without dropout, its softmax in float32.
-    Their optional load-balancing loss needs task labels per example and is off by default there
-    (blc_weight 0); it is not implemented. Not mergeable: w depends on x."""
+    Their optional load-balancing loss is computed only when the forward is given each example's
+    task type; it is not implemented. Not mergeable: w depends on x."""
 
     def __init__(self, base: nn.Linear, r, alpha, k=3, dropout=0.0):
         super().__init__()
