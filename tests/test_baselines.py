@@ -6,6 +6,7 @@ contents, save -> load, the precision convention, and clear errors.
     pytest tests/test_baselines.py        (CPU only; peft is needed for the two peft tests)
 """
 
+import argparse
 import copy
 import inspect
 import runpy
@@ -271,3 +272,36 @@ def test_gradient_checkpointing_reaches_the_adapters(method):
     ids = batch()
     model(input_ids=ids, labels=ids).loss.backward()
     assert len(layers(model)) == 14 and all(l.B.grad is not None and l.B.grad.abs().sum() > 0 for l in layers(model).values())
+
+
+# -----------------------------------------------------------------------------
+# bench.py reads the table too
+
+
+def test_bench_configurations_come_from_the_table():
+    from experiments import bench
+    configs = bench.parse_configs("base,lora:16,dora,hydralora:8,moelora:8:2,idlora:match:4:1")
+    assert [c.name for c in configs] == ["base", "lora:16", "dora:32", "hydralora:8:3", "moelora:8:2", "idlora:match:4:1"]
+    assert dict(configs[3].settings) == dict(r=8, k=3)
+    for bad in ("vera:8", "lora:16:2", "dora:x"):
+        with pytest.raises(SystemExit, match="bad configuration"):
+            bench.parse_configs(bad)
+    model = tiny()
+    ids = batch()
+    with torch.no_grad():
+        base = model(ids).logits
+    bench.attach(model, configs[2], argparse.Namespace(dropout=0.0, targets=",".join(idlora.TARGETS), selection="random",
+                                                       seed=0, cluster_cache="", n_init=1, max_iter=20, build_jobs=1))
+    perturb(model)
+    wrappers = layers(model)
+    weights = {n: w.base.weight.clone() for n, w in wrappers.items()}
+    with torch.no_grad():
+        unmerged = model(ids).logits
+        saved = bench.merge(wrappers, model)                 # DoRA folded into W0, plain nn.Linear back
+        assert all(type(model.get_submodule(n)) is nn.Linear for n in wrappers)
+        torch.testing.assert_close(model(ids).logits, unmerged, atol=1e-5, rtol=0)
+        bench.unmerge(wrappers, saved)
+        for n, w in wrappers.items():
+            bench.set_module(model, n, w)
+        assert all(torch.equal(w.base.weight, weights[n]) for n, w in wrappers.items())   # W0 back, bit for bit
+        assert torch.equal(model(ids).logits, unmerged) and not torch.equal(unmerged, base)
