@@ -607,6 +607,8 @@ def run_task(task, model, tok, args):
 def adapter_file(path):
     """--adapter is a run folder holding adapter.safetensors, or the file itself."""
     file = os.path.join(path, "adapter.safetensors") if os.path.isdir(path) else path
+    if not os.path.isfile(file) and os.path.isdir(os.path.join(path, "model")):
+        raise FileNotFoundError(f"{path} is a full fine-tune, not an adapter: pass --model {os.path.join(path, 'model')}")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no adapter at {path} (give a run folder with adapter.safetensors, or the file)")
     return file

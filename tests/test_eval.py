@@ -363,7 +363,7 @@ def test_adapter_run(tmp_path, tiny_dir, data_dir, method):
         sum(r["correct"] for r in rows) / 2)
 
 
-def test_full_fine_tune_run(tmp_path, tiny_dir, data_dir):
+def test_full_fine_tune_run(tmp_path, tiny_dir, data_dir, capsys):
     """train.py --method full writes <run>/model, which eval.py --model loads as any model folder
     (weights, config.json, tokenizer): the trained weights are scored, into <run>/eval."""
     records = tmp_path / "train.jsonl"
@@ -372,6 +372,9 @@ def test_full_fine_tune_run(tmp_path, tiny_dir, data_dir):
     train.main(["--model", tiny_dir, "--method", "full", "--train-file", str(records), "--max-steps", "2",
                 "--batch-size", "4", "--micro-batch-size", "4", "--lr", "1e-3", "--output-dir", str(run)])
     assert json.load(open(run / "model" / "config.json"))["use_cache"] is True      # generation keeps its cache
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--task", "csqa", "--adapter", str(run)])
+    assert f"is a full fine-tune, not an adapter: pass --model {run / 'model'}" in capsys.readouterr().err
     ev.main(["--task", "csqa", "--model", str(run / "model"), "--data-dir", data_dir, "--limit", "2"])
     scores = json.load(open(run / "eval" / "csqa-limit2.json"))
     assert scores["model"] == str(run / "model") and scores["adapter"] is None and scores["n"] == 2
