@@ -1,7 +1,9 @@
 """
-Score a model, with or without an ID-LoRA/LoRA adapter, on the paper's benchmarks (spec section 5).
+Score a model, with or without an adapter (ID-LoRA, LoRA, DoRA, HydraLoRA, MoELoRA), on the paper's
+benchmarks (spec section 5).
 
     python eval.py --task gsm8k --adapter runs/gsm8k-idlora-r128     # a trained adapter, its own base model
+    python eval.py --task gsm8k --model runs/gsm8k-full/model         # a full fine-tune (train.py --method full)
     python eval.py --task all                                         # the embedded base model, every task
     python eval.py --task humaneval --limit 10 --n-samples 10         # a quick look at 10 problems
     python eval.py --task mmlu --model meta-llama/Meta-Llama-3-8B    # the paper's base model
@@ -39,6 +41,7 @@ from functools import cache
 import torch
 from tqdm import tqdm
 
+import baselines
 import data
 import idlora
 from train import EMBEDDED, format_prompt, load_model
@@ -604,9 +607,18 @@ def run_task(task, model, tok, args):
 def adapter_file(path):
     """--adapter is a run folder holding adapter.safetensors, or the file itself."""
     file = os.path.join(path, "adapter.safetensors") if os.path.isdir(path) else path
+    if not os.path.isfile(file) and os.path.isdir(os.path.join(path, "model")):
+        raise FileNotFoundError(f"{path} is a full fine-tune, not an adapter: pass --model {os.path.join(path, 'model')}")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no adapter at {path} (give a run folder with adapter.safetensors, or the file)")
     return file
+
+
+def full_run(model):
+    """The train.py run folder whose full fine-tune `model` is (<run>/model, beside its args.json), else None."""
+    folder = os.path.abspath(model)
+    run = os.path.dirname(folder)
+    return run if os.path.basename(folder) == "model" and os.path.isfile(os.path.join(run, "args.json")) else None
 
 
 def parse_args(argv=None):
@@ -622,7 +634,8 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=512, help="generation length (gsm8k, humaneval, hexphi)")
     p.add_argument("--limit", type=int, help="only the first N examples (MMLU: of each subject), for a quick look")
     p.add_argument("--data-dir", help="folder with local data files (see data/README.md)")
-    p.add_argument("--output-dir", help="default: <adapter run folder>/eval, or runs/base/eval for the base model")
+    p.add_argument("--output-dir", help="default: <run folder>/eval for an adapter or a full fine-tune's model/ folder, "
+                                        "else runs/base/eval for the embedded base model, runs/base-<name>/eval for another")
     p.add_argument("--shots", type=int, default=5, choices=range(6), metavar="{0..5}", help="MMLU few-shot examples from dev")
     p.add_argument("--n-samples", type=int, default=10, help="HumanEval samples per problem (pass@k needs k <= n)")
     p.add_argument("--temperature", type=float, default=0.8, help="HumanEval sampling temperature")
@@ -654,6 +667,8 @@ def parse_args(argv=None):
     if args.output_dir is None:
         if args.adapter:
             args.output_dir = os.path.join(os.path.dirname(args.adapter), "eval")
+        elif full_run(args.model):
+            args.output_dir = os.path.join(full_run(args.model), "eval")
         else:   # another base model gets its own folder, so its scores never overwrite the embedded model's
             name = "base" if args.model == EMBEDDED else "base-" + os.path.basename(args.model.rstrip("/"))
             args.output_dir = os.path.join("runs", name, "eval")
@@ -664,7 +679,7 @@ def load(args):
     """The model as train.py loads it, with the adapter's layers rebuilt and loaded on top."""
     model, tok = load_model(args.model, args.dtype, args.device)
     if args.adapter:
-        rep = idlora.load_adapter(model, args.adapter)
+        rep = baselines.load_adapter(model, args.adapter)
         print(f"adapter {args.adapter}: {rep['method']}, {rep['modules']} modules")
     return model, tok
 

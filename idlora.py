@@ -25,6 +25,8 @@ z, since x is never multiplied by A separately.
 
 This file has everything: clustering, the ID-LoRA layer, a plain LoRA baseline, patching a
 Hugging Face model, and adapter save/load. It imports nothing else from this project.
+baselines.py adds the paper's other baselines (DoRA, HydraLoRA, MoELoRA) through this file's
+patching and save/load, and the table of methods the scripts read.
 
     python idlora.py          # prints the trainable-parameter table for LLaMA-3-8B (paper Table 6)
 """
@@ -274,6 +276,22 @@ def _freeze(model):
         model.enable_input_require_grads()
 
 
+def patch(model, layers, config, make, fp32=False):
+    """Replace every (name, nn.Linear) of `layers` by make(name, linear), in place; freeze the
+    rest; record `config` (the settings save_adapter writes, with each layer's rank in
+    config["ranks"]). The one patching routine of every method, here and in baselines.py: an
+    apply_* function works out its settings and hands over how to make one layer. fp32: every
+    layer computes its update in float32 instead of the base dtype (section 2), a choice made at
+    run time, not saved."""
+    _freeze(model)
+    for name, lin in layers:
+        layer = make(name, lin)
+        layer.fp32 = fp32
+        _replace(model, name, layer)
+    model.adapter_config = config
+    return report(model)
+
+
 PMRC_VERSION = 2   # part of the cache key: bump it when the clustering code changes its output
 
 
@@ -345,6 +363,13 @@ def row_indices(layers, ranks, k, selection, seed, n_init, max_iter, cache_dir, 
     return idx
 
 
+def idlora_layer(lin, cfg, r, saved):
+    """One IDLoRALinear from the run's settings `cfg`, its rank r and its row indices saved["idx"]
+    (from PMRC, or from an adapter file: no clustering). alpha * r / cfg["r"] keeps the run's
+    scale alpha/r on a layer clamped to a smaller rank."""
+    return IDLoRALinear(lin, saved["idx"], cfg["alpha"] * r / cfg["r"], cfg["boost"], cfg["dropout"])
+
+
 def apply_idlora(model, r=128, k=4, alpha=256, boost=2, dropout=0.05, targets=TARGETS,
                  selection="cluster", seed=0, cache_dir=None, n_init=1, max_iter=20, n_jobs=1, fp32=False):
     """Replace every target nn.Linear of `model` by an IDLoRALinear, in place; freeze the rest.
@@ -358,26 +383,24 @@ def apply_idlora(model, r=128, k=4, alpha=256, boost=2, dropout=0.05, targets=TA
     clamped = {tuple(lin.weight.shape): ranks[n] for n, lin in layers if ranks[n] < r}
     for shape, r_l in clamped.items():   # the rank depends on d_out only: one line per shape
         print(f"idlora: layers of shape {shape} have {shape[0]} rows < k*r = {k * r}: rank {r_l} used")
-    _freeze(model)
     idx = row_indices(layers, ranks, k, selection, seed, n_init, max_iter, cache_dir, n_jobs)
-    for name, lin in layers:
-        # alpha * r_l / r keeps the run's scale alpha/r on a layer clamped to rank r_l
-        _replace(model, name, IDLoRALinear(lin, idx[name], alpha * ranks[name] / r, boost, dropout, fp32))
-    model.adapter_config = dict(method="idlora", r=r, k=k, alpha=alpha, boost=boost,
-                                dropout=dropout, targets=list(targets), selection=selection,
-                                seed=seed, ranks=ranks)
-    return report(model)
+    cfg = dict(method="idlora", r=r, k=k, alpha=alpha, boost=boost, dropout=dropout,
+               targets=list(targets), selection=selection, seed=seed, ranks=ranks)
+    return patch(model, layers, cfg, lambda name, lin: idlora_layer(lin, cfg, ranks[name], {"idx": idx[name]}), fp32)
 
 
-def apply_lora(model, r=16, alpha=32, dropout=0.05, targets=TARGETS, fp32=False):
-    """Replace every target nn.Linear by a LoRALinear, in place; freeze the rest."""
+def lora_layer(lin, cfg, r, saved):
+    """One LoRALinear from the run's settings (A and B are new: load_adapter copies saved ones in)."""
+    return LoRALinear(lin, r, cfg["alpha"], cfg["dropout"])
+
+
+def apply_lora(model, r=32, alpha=64, dropout=0.05, targets=TARGETS, fp32=False):
+    """Replace every target nn.Linear by a LoRALinear, in place; freeze the rest. The defaults
+    are the paper's LoRA baseline (r=32, its Tables 1-2)."""
     layers = find_targets(model, targets)
-    _freeze(model)
-    for name, lin in layers:
-        _replace(model, name, LoRALinear(lin, r, alpha, dropout, fp32))
-    model.adapter_config = dict(method="lora", r=r, alpha=alpha, dropout=dropout,
-                                targets=list(targets), ranks={n: r for n, _ in layers})
-    return report(model)
+    cfg = dict(method="lora", r=r, alpha=alpha, dropout=dropout, targets=list(targets),
+               ranks={n: r for n, _ in layers})
+    return patch(model, layers, cfg, lambda name, lin: lora_layer(lin, cfg, r, {}), fp32)
 
 
 def count_trainable(model):
@@ -391,18 +414,21 @@ def report(model):
 
 
 # -----------------------------------------------------------------------------
-# 4. Saving and loading: only adapter tensors (B, router, A for LoRA) and the row indices,
-# plus the settings that rebuild the layers, in one safetensors file.
+# 4. Saving and loading, for every adapter layer, in one safetensors file: each layer's own
+# tensors (ID-LoRA: idx, router, B; LoRA: A, B) under "<layer name>.<tensor name>", and the
+# settings that rebuild the layers as JSON metadata. An adapter layer wraps its frozen
+# nn.Linear as `self.base` and keeps its own tensors as direct parameters and buffers, so
+# "the adapter" is exactly those, for any method.
+
+
+def adapter_tensors(layer):
+    """{name: tensor}: the adapter layer's own parameters and buffers (not its base layer's)."""
+    return dict(layer.named_parameters(recurse=False)) | dict(layer.named_buffers(recurse=False))
 
 
 def adapter_state_dict(model):
-    sd = {}
-    for name, m in model.named_modules():
-        if isinstance(m, IDLoRALinear):
-            sd |= {f"{name}.idx": m.idx, f"{name}.router": m.router, f"{name}.B": m.B}
-        elif isinstance(m, LoRALinear):
-            sd |= {f"{name}.A": m.A, f"{name}.B": m.B}
-    return {n: t.detach().contiguous().cpu() for n, t in sd.items()}
+    return {f"{name}.{t}": v.detach().contiguous().cpu() for name in model.adapter_config["ranks"]
+            for t, v in adapter_tensors(model.get_submodule(name)).items()}
 
 
 def save_adapter(model, path):
@@ -421,43 +447,44 @@ def read_adapter_config(path):
         return json.loads(f.metadata()["adapter_config"])
 
 
-def load_adapter(model, path, fp32=False):
+def load_adapter(model, path, makers=None, fp32=False):
     """Rebuild the adapter layers saved in `path` on a fresh base model (no clustering) and
-    load their tensors. A model whose shapes differ from the saved adapter is an error.
+    load their tensors. `makers` maps a method to the function that makes one of its layers,
+    (nn.Linear, saved settings, rank, saved tensors) -> layer; by default this file's two
+    (baselines.load_adapter passes every method's). Each saved tensor must have the shape of
+    the rebuilt layer's: a model whose shapes differ from the saved adapter is an error.
     fp32: compute the update in float32 rather than the base dtype (section 2)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no adapter file at {path}")
+    makers = makers or {"idlora": idlora_layer, "lora": lora_layer}
     cfg = read_adapter_config(path)
-    tensors = load_file(path)
+    if cfg["method"] not in makers:
+        raise ValueError(f"{path} holds a {cfg['method']!r} adapter; this loader knows {sorted(makers)}")
+    saved = {}                                         # {layer name: {tensor name: tensor}}
+    for key, t in load_file(path).items():
+        name, _, t_name = key.rpartition(".")
+        saved.setdefault(name, {})[t_name] = t
     modules = dict(model.named_modules())
-    _freeze(model)
-    for name, r_l in cfg["ranks"].items():
-        lin = modules.get(name)
-        if not isinstance(lin, nn.Linear):
+    for name in cfg["ranks"]:
+        if not isinstance(modules.get(name), nn.Linear):
             raise ValueError(f"adapter layer {name} is not an nn.Linear in this model "
                              f"(was it saved from a different architecture?)")
-        d_out, d_in = lin.weight.shape
-        if cfg["method"] == "idlora":
-            idx, B, router = (tensors[f"{name}.{t}"] for t in ("idx", "B", "router"))
-            boost = cfg["boost"]
-            want = dict(B=(d_out // boost, r_l // boost), router=(cfg["k"], d_in))
-            got = dict(B=tuple(B.shape), router=tuple(router.shape))
-            if want != got or int(idx.max()) >= d_out:
-                raise ValueError(f"{name}: adapter shapes {got} (row indices up to {int(idx.max())}) "
-                                 f"do not fit this model's layer of shape {(d_out, d_in)}")
-            new = IDLoRALinear(lin, idx, cfg["alpha"] * r_l / cfg["r"], boost, cfg["dropout"], fp32)
-            new.router.data.copy_(router)
-        else:
-            A, B = tensors[f"{name}.A"], tensors[f"{name}.B"]
-            if tuple(A.shape) != (r_l, d_in) or tuple(B.shape) != (d_out, r_l):
-                raise ValueError(f"{name}: adapter shapes A{tuple(A.shape)} B{tuple(B.shape)} do "
-                                 f"not fit this model's layer of shape {(d_out, d_in)}")
-            new = LoRALinear(lin, r_l, cfg["alpha"], cfg["dropout"], fp32)
-            new.A.data.copy_(A)
-        new.B.data.copy_(B)
-        _replace(model, name, new)
-    model.adapter_config = {k: v for k, v in cfg.items() if k != "base_model"}
-    return report(model)
+
+    def make(name, lin):
+        new = makers[cfg["method"]](lin, cfg, cfg["ranks"][name], saved.get(name, {}))
+        own = adapter_tensors(new)
+        want = {t: tuple(v.shape) for t, v in own.items()}
+        got = {t: tuple(v.shape) for t, v in saved.get(name, {}).items()}
+        if got != want:
+            raise ValueError(f"{name}: adapter shapes {got} do not fit this model's layer of shape "
+                             f"{tuple(lin.weight.shape)}, which needs {want}")
+        with torch.no_grad():
+            for t, v in own.items():
+                v.copy_(saved[name][t])
+        return new
+
+    config = {k: v for k, v in cfg.items() if k != "base_model"}
+    return patch(model, [(name, modules[name]) for name in cfg["ranks"]], config, make, fp32)
 
 
 # -----------------------------------------------------------------------------

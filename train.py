@@ -1,7 +1,9 @@
 """
-Fine-tune a causal LM with ID-LoRA, LoRA or full fine-tuning: one plain PyTorch loop.
+Fine-tune a causal LM with ID-LoRA, a baseline adapter (LoRA, DoRA, HydraLoRA, MoELoRA) or full
+fine-tuning: one plain PyTorch loop.
 
     python train.py --task gsm8k --rank 128 --k 4            # embedded SmolLM2-135M, offline
+    python train.py --task gsm8k --method hydralora          # a baseline, at the paper's settings (r=16, 3 heads)
     python train.py --task gsm8k --model meta-llama/Meta-Llama-3-8B      # the paper's run, one GPU
     python train.py --task gsm8k --max-steps 100 --resume                # continue a killed run
     torchrun --nproc_per_node 8 train.py --task gsm8k --model meta-llama/Meta-Llama-3-8B   # 8 GPUs, DDP
@@ -10,9 +12,11 @@ Data comes from the `data` package (local files first, the Hugging Face hub last
 example becomes Alpaca's prompt + the response + eos; the loss covers the response only.
 Batches of --batch-size examples (default 32, the paper's) are reached by gradient
 accumulation over --micro-batch-size. AdamW, no warmup, linear decay (paper Tables 4-5).
-The output folder gets adapter.safetensors (or model/ for --method full), state.pt (the
-optimizer, for --resume), metrics.jsonl and loss.png. Under torchrun the same loop runs in
-every process, with DDP or FSDP2 (--parallel), and makes the update one process would.
+The output folder gets adapter.safetensors (for --method full: model/, a model folder with
+config.json and the tokenizer that eval.py --model loads), state.pt (the optimizer, for
+--resume), metrics.jsonl and loss.png. Each method's settings default to the paper's
+(baselines.METHODS); a flag a method does not use is an error. Under torchrun the same loop
+runs in every process, with DDP or FSDP2 (--parallel), and makes the update one process would.
 """
 
 import argparse
@@ -35,6 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import baselines
 import data
 import idlora
 
@@ -354,7 +359,7 @@ def build_model_once(args):
         if RANK:
             with open(path, "wb") as f:
                 f.write(box[0])
-            idlora.load_adapter(model, path, args.adapter_fp32)
+            baselines.load_adapter(model, path, args.adapter_fp32)
     dist.destroy_process_group(group)
     return model, tok
 
@@ -447,15 +452,41 @@ def stop_on_sigint():
 # collective) and rank 0 writes the same files as one process, which any run can resume.
 
 
-def save_checkpoint(out, model, opt, sched, step, method):
+def save_full_model(out, model, tok):
+    """Full fine-tuning's checkpoint: out/model, a Hugging Face folder (weights, config.json,
+    tokenizer) that eval.py --model and load_model read. Written as model.tmp, then swapped in;
+    a kill between the two renames leaves model.old, which full_model_dir takes back."""
+    final, tmp, old = (os.path.join(out, n) for n in ("model", "model.tmp", "model.old"))
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    use_cache = model.config.use_cache
+    model.config.use_cache = True          # off for training (build_model); generation wants it
+    try:
+        model.save_pretrained(tmp)
+    finally:
+        model.config.use_cache = use_cache
+    tok.save_pretrained(tmp)
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def full_model_dir(out):
+    """out/model, the last full fine-tuning checkpoint (taken back from model.old if a save was killed)."""
+    final, old = os.path.join(out, "model"), os.path.join(out, "model.old")
+    if not os.path.exists(final) and os.path.exists(old):
+        os.replace(old, final)
+    return final
+
+
+def save_checkpoint(out, model, tok, opt, sched, step, method):
     opt_state = full_tensors(opt.state_dict())
     with full_parameters(model):
         if RANK != 0:
             return
-        if method == "full":      # save_model, not save_file: it handles tied (shared) weights
-            from safetensors.torch import save_model
-            save_model(model, os.path.join(out, "model.safetensors.tmp"))
-            os.replace(os.path.join(out, "model.safetensors.tmp"), os.path.join(out, "model.safetensors"))
+        if method == "full":
+            save_full_model(out, model, tok)
         else:
             idlora.save_adapter(model, os.path.join(out, "adapter.safetensors"))
     state = dict(step=step, opt=opt_state, sched=sched.state_dict(), rng=torch.get_rng_state())
@@ -464,14 +495,12 @@ def save_checkpoint(out, model, opt, sched, step, method):
 
 
 def load_checkpoint(out, model, method, fp32=False):
-    """Restore the trained tensors into `model` (adapter layers are rebuilt from the file, with
-    no clustering) and return the saved training state (on the CPU: the optimizer's
-    load_state_dict moves it to the parameters' device)."""
-    if method == "full":
-        from safetensors.torch import load_model as load_weights
-        load_weights(model, os.path.join(out, "model.safetensors"))
-    else:
-        idlora.load_adapter(model, os.path.join(out, "adapter.safetensors"), fp32)
+    """Restore the trained tensors into `model` and return the saved training state (on the CPU:
+    the optimizer's load_state_dict moves it to the parameters' device). Adapter layers are
+    rebuilt from the file, with no clustering; a full fine-tune was already loaded from out/model
+    by build_model."""
+    if method != "full":
+        baselines.load_adapter(model, os.path.join(out, "adapter.safetensors"), fp32)
     return torch.load(os.path.join(out, "state.pt"), map_location="cpu", weights_only=False)
 
 
@@ -494,6 +523,19 @@ def truncate_metrics(path, step):
     os.replace(path + ".tmp", path)
 
 
+def load_trained(out, device="cpu", dtype=None, base=None):
+    """(model, tokenizer) of a finished run in `out`, whatever its method: the fine-tuned model
+    folder out/model, or out/adapter.safetensors on its base model (`base`, else the one it records)."""
+    if os.path.isdir(os.path.join(out, "model")):
+        return load_model(os.path.join(out, "model"), dtype, device)
+    adapter = os.path.join(out, "adapter.safetensors")
+    if not os.path.exists(adapter):
+        raise FileNotFoundError(f"{out} holds no trained run (neither model/ nor adapter.safetensors)")
+    model, tok = load_model(base or idlora.read_adapter_config(adapter)["base_model"] or None, dtype, device)
+    baselines.load_adapter(model, adapter)
+    return model, tok
+
+
 def plot_losses(out):
     import matplotlib
     matplotlib.use("Agg")
@@ -514,19 +556,28 @@ def plot_losses(out):
 # The run
 
 
+DROPOUT = 0.05          # the paper's, for every adapter
+FLAGS = dict(rank="r", k="k", alpha="alpha", boost="boost", dropout="dropout", selection="selection")   # flag -> setting
+
+
+def settings_help(key):
+    return ", ".join(f"{m} {d[key]}" for m, d in ((m, e.defaults) for m, e in baselines.METHODS.items()) if key in d)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", default="gsm8k", choices=sorted(TASK_LR))
     p.add_argument("--model", default=EMBEDDED, help="Hugging Face id or local folder; 'smollm2' = the embedded SmolLM2-135M-Instruct")
     p.add_argument("--model-config", help="build this architecture with random weights instead (llama-3-8b): memory/speed checks")
-    p.add_argument("--method", default="idlora", choices=["idlora", "lora", "full"])
-    p.add_argument("--rank", type=int, default=128)
-    p.add_argument("--k", type=int, default=4, help="ID-LoRA clusters")
-    p.add_argument("--alpha", type=float, help="scale numerator (default: 2 x rank, the paper's 128/256)")
-    p.add_argument("--boost", type=int, default=2, help="ID-LoRA rank-boosting divisions m (1 = without RB)")
-    p.add_argument("--dropout", type=float, default=0.05)
-    p.add_argument("--selection", default="cluster", choices=idlora.SELECTIONS, help="ID-LoRA row selection")
+    p.add_argument("--method", default="idlora", choices=list(baselines.METHODS) + ["full"],
+                   help="an adapter of baselines.METHODS, or full fine-tuning")
+    p.add_argument("--rank", type=int, help="rank r; default: the method's (paper) setting: " + settings_help("r"))
+    p.add_argument("--k", type=int, help="ID-LoRA clusters, HydraLoRA B heads, MoELoRA experts; default: " + settings_help("k"))
+    p.add_argument("--alpha", type=float, help="scale numerator, the update is scaled by alpha/rank (default: 2 x rank, the paper's 128/256)")
+    p.add_argument("--boost", type=int, help="ID-LoRA rank-boosting divisions m (1 = without RB); default: " + settings_help("boost"))
+    p.add_argument("--dropout", type=float, help=f"adapter dropout (default: {DROPOUT}, the paper's)")
+    p.add_argument("--selection", choices=idlora.SELECTIONS, help="ID-LoRA row selection; default: " + settings_help("selection"))
     p.add_argument("--targets", default=",".join(idlora.TARGETS), help="comma-separated projection names")
     p.add_argument("--lr", type=float, help=f"default per task (paper): {TASK_LR}")
     p.add_argument("--epochs", type=float, help=f"default per task (paper): {TASK_EPOCHS}")
@@ -543,7 +594,7 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", help="default: runs/<task>-<method>-r<rank>")
     p.add_argument("--save-every", type=int, default=100, help="optimizer steps between checkpoints")
     p.add_argument("--save-at", default="", help="comma-separated steps whose adapter is also kept as "
-                                               "adapter-step<N>.safetensors (for learning curves)")
+                                               "adapter-step<N>.safetensors (for learning curves; adapters only)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output-dir")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
@@ -562,10 +613,23 @@ def parse_args(argv=None):
                    help="under torchrun: ddp replicates the model on every GPU, fsdp (FSDP2) shards it "
                         "(for models one GPU cannot hold); default ddp when torchrun starts more than one process")
     args = p.parse_args(argv)
-    args.alpha = args.alpha or 2.0 * args.rank
+    # Each method's settings: the flags it takes (its apply function's keywords), unset ones from
+    # the table. A flag the method does not use is an error rather than silently ignored.
+    takes = baselines.takes(args.method) if args.method != "full" else set()
+    for flag, key in FLAGS.items():
+        if getattr(args, flag) is not None and key not in takes:
+            p.error(f"--{flag} does not apply to --method {args.method}")
+    if args.method != "full":
+        defaults = baselines.METHODS[args.method].defaults
+        for flag, key in FLAGS.items():
+            if getattr(args, flag) is None and key in defaults:
+                setattr(args, flag, defaults[key])
+        args.alpha = args.alpha or 2.0 * args.rank
+        args.dropout = DROPOUT if args.dropout is None else args.dropout
     args.lr = args.lr or TASK_LR[args.task]
     args.epochs = args.epochs or TASK_EPOCHS[args.task]
-    args.output_dir = args.output_dir or os.path.join("runs", f"{args.task}-{args.method}-r{args.rank}")
+    name = args.method if args.method == "full" else f"{args.method}-r{args.rank}"
+    args.output_dir = args.output_dir or os.path.join("runs", f"{args.task}-{name}")
     for flag in ("kmeans_inits", "kmeans_iters", "cluster_jobs"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
@@ -587,11 +651,15 @@ def parse_args(argv=None):
 
 
 def build_model(args):
+    """The model, patched with the method's adapter (or all trainable, for full fine-tuning).
+    On --resume the adapter layers come from the checkpoint, and a full fine-tune is loaded from it."""
     dtype = resolve_dtype(args.dtype, args.device)
     # Under FSDP every rank loads the model on the CPU and fully_shard moves only its shard of
     # each layer to the GPU: the whole model never sits on one GPU (70B's bf16 weights are 140 GB).
     device = "cpu" if args.parallel == "fsdp" else args.device
-    if args.model_config:
+    if args.method == "full" and args.resume:
+        model, tok = load_model(full_model_dir(args.output_dir), dtype, device)
+    elif args.model_config:
         model, tok = model_from_config(args.model_config, dtype, device)
     else:
         model, tok = load_model(args.model, dtype, device)
@@ -604,15 +672,11 @@ def build_model(args):
         rep = dict(method="full", modules=0, ranks=[], trainable=idlora.count_trainable(model))
     elif args.resume:
         return model, tok                   # the adapter layers come from the checkpoint
-    elif args.method == "idlora":
-        rep = idlora.apply_idlora(model, r=args.rank, k=args.k, alpha=args.alpha, boost=args.boost,
-                                  dropout=args.dropout, targets=targets, selection=args.selection,
-                                  seed=args.seed, cache_dir=args.cluster_cache or None,
-                                  n_init=args.kmeans_inits, max_iter=args.kmeans_iters, n_jobs=args.cluster_jobs,
-                                  fp32=args.adapter_fp32)
-    elif args.method == "lora":
-        rep = idlora.apply_lora(model, r=args.rank, alpha=args.alpha, dropout=args.dropout, targets=targets,
-                                fp32=args.adapter_fp32)
+    else:
+        rep = baselines.apply(model, args.method, r=args.rank, k=args.k, alpha=args.alpha, boost=args.boost,
+                              dropout=args.dropout, targets=targets, selection=args.selection, seed=args.seed,
+                              cache_dir=args.cluster_cache or None, n_init=args.kmeans_inits,
+                              max_iter=args.kmeans_iters, n_jobs=args.cluster_jobs, fp32=args.adapter_fp32)
     print(f"{rep['method']}: {rep['modules']} modules patched, ranks {rep['ranks']}, "
           f"{rep['trainable']:,} trainable parameters")
     return model, tok
@@ -715,7 +779,7 @@ def train(args):
                 bar.write(f"the first step took {took:.0f} s: about {took * (total - step) / 3600:.1f} h "
                           f"for the other {total - step:,}")
             if step % args.save_every == 0 or step == total or step in args.save_at:
-                save_checkpoint(out, raw, opt, sched, step, args.method)
+                save_checkpoint(out, raw, tok, opt, sched, step, args.method)
                 saved = step
             if step in args.save_at and args.method != "full" and RANK == 0:
                 shutil.copy(os.path.join(out, "adapter.safetensors"), os.path.join(out, f"adapter-step{step}.safetensors"))
@@ -723,7 +787,7 @@ def train(args):
                 raise KeyboardInterrupt            # every rank, after the same step
     except KeyboardInterrupt:
         if saved < step:
-            save_checkpoint(out, raw, opt, sched, step, args.method)
+            save_checkpoint(out, raw, tok, opt, sched, step, args.method)
         bar.close()
         raise SystemExit(f"interrupted: saved step {step} to {out}; continue with --resume" if RANK == 0 else 1)
     bar.close()
@@ -732,7 +796,7 @@ def train(args):
     if torch.device(args.device).type == "cuda":
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" +
               (f" (rank 0 of {WORLD})" if args.parallel else ""))
-    print(f"done: {step} steps; adapter, metrics.jsonl and loss.png in {out}")
+    print(f"done: {step} steps; {'model/' if args.method == 'full' else 'adapter'}, metrics.jsonl and loss.png in {out}")
     return out
 
 

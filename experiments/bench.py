@@ -1,21 +1,28 @@
 """
-What ID-LoRA costs against LoRA, measured side by side on one model, batch and machine.
+What ID-LoRA costs against LoRA and the other baselines (DoRA, HydraLoRA, MoELoRA: the paper's Fig. 3),
+measured side by side on one model, batch and machine.
 
     python experiments/bench.py                                    # every section, embedded SmolLM2-135M, CPU float32
     python experiments/bench.py --help                             # every flag
     python experiments/bench.py --only params,train,infer --batch 2 --seq-len 128 --repeats 7
     python experiments/bench.py --configs base,lora:16,idlora:128:4:2,idlora:64:4:1
+    python experiments/bench.py --only params,train,infer --configs base,lora:16,dora,hydralora,moelora,idlora
     python experiments/bench.py --only cluster,cache,kmeans        # PMRC: LLaMA-3-8B shapes, cache, k-means settings
     python experiments/bench.py --device cuda --model-config llama-3-8b --batch 4 --seq-len 512   # the 8B on a GPU (random bf16 weights)
     python experiments/bench.py --device meta --model-config llama-3-8b --only params             # 8B counts, no memory used
 
-Configurations (--configs, comma-separated):
+Configurations (--configs, comma-separated), each a method of baselines.METHODS with its settings
+in the table's order; a setting left out takes the table's (the paper's) value; alpha = 2R:
     base              the frozen base model alone (the reference for inference)
-    lora:R            LoRA of rank R, alpha = 2R (the first one is the reference for training)
-    idlora:R:K:M      ID-LoRA of rank R, K clusters, M rank-boosting divisions, alpha = 2R
+    lora:R            LoRA of rank R (the first one is the reference for every "vs" column but base's)
+    dora:R            DoRA of rank R
+    hydralora:R:K     HydraLoRA of rank R with K B heads (hydralora = hydralora:16:3)
+    moelora:R:K       MoELoRA of rank R with K experts (moelora = moelora:8:4)
+    idlora:R:K:M      ID-LoRA of rank R, K clusters, M rank-boosting divisions
     idlora:match:K:M  ID-LoRA with M divisions at the rank whose trainable count on this model is
                       nearest to the first idlora:R:K:M config's (the paper's 128:4:2 by default)
-Every LoRA is also timed merged in the inference section. All configurations are built once around
+Every mergeable method (LoRA, DoRA) is also timed merged in the inference section, as the paper's
+Fig. 3 compares them: merged, they cost nothing at inference. All configurations are built once around
 the SAME frozen base layers and swapped in and out of one model, and every timing is interleaved
 (A B C, C B A, ...) so that drift on a shared machine hits them all alike; each figure is the median
 over --repeats rounds, its ratio the median of the per-round ratios to the reference.
@@ -23,13 +30,14 @@ over --repeats rounds, its ratio the median of the per-round ratios to the refer
 Sections (--only, comma-separated; default all):
     params   trainable parameters, bytes of every adapter tensor and buffer against the formula,
              bytes the patched model holds beyond the base (0 extra weight memory = only the adapter),
-             AdamW state bytes read from a real optimizer after one step
+             the extra memory at inference (0 where the adapter merges), AdamW state bytes read from
+             a real optimizer after one step
     memory   peak memory of a training step, each configuration in a fresh process: CUDA peak
              allocated on a GPU; on a CPU the peak RSS (VmHWM, reset just before the step) minus the
              RSS before it
     train    training step time (forward, backward, AdamW step) and tokens/s
     infer    forward latency of a batch (no grad, full logits) and greedy generation tokens/s with
-             the KV cache (prefill included); LoRA unmerged and merged
+             the KV cache (prefill included); LoRA and DoRA unmerged and merged
     ops      the CPU-measurable proxy of GPU cost: operator calls and bytes allocated by ONE adapted
              layer of each LLaMA-3-8B shape (bf16, 4 x 512 tokens), forward and backward, for each
              arithmetic path (adapter in the base dtype, or in float32)
@@ -73,10 +81,11 @@ import torch
 # Run as a script from anywhere: the project's modules (idlora, train, eval, data) are one folder up.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import baselines
 import idlora
 
 SECTIONS = ("params", "memory", "train", "infer", "ops", "cluster", "cache", "kmeans")
-DEFAULT_CONFIGS = "base,lora:16,lora:32,idlora:128:4:2,idlora:match:4:1"
+DEFAULT_CONFIGS = "base,lora:16,lora:32,dora:32,hydralora:16:3,moelora:8:4,idlora:128:4:2,idlora:match:4:1"
 CACHE = os.environ.get("IDLORA_CACHE", os.path.expanduser("~/.cache/idlora"))   # as train.py
 
 
@@ -91,38 +100,41 @@ def log(*a):
 
 @dataclass(frozen=True)
 class Config:
-    kind: str           # base | lora | idlora
-    r: int = 0          # 0 with kind idlora: "match", resolved once the model is known
-    k: int = 0
-    boost: int = 1
+    method: str             # base, or a method of baselines.METHODS
+    settings: tuple = ()    # ((name, value), ...) in the table's order; idlora r = 0: "match", resolved later
     note: str = ""
 
     @property
     def name(self):
-        if self.kind == "base":
-            return "base"
-        if self.kind == "lora":
-            return f"lora:{self.r}"
-        return f"idlora:{self.r or 'match'}:{self.k}:{self.boost}"
+        return ":".join([self.method] + [str(v or "match") for _, v in self.settings])
+
+    def get(self, key):
+        return dict(self.settings)[key]
+
+
+def numeric_settings(method):
+    """The settings a configuration spells out, in the table's order: r, then k, boost where the method has them."""
+    return [k for k, v in baselines.METHODS[method].defaults.items() if isinstance(v, int)]
 
 
 def parse_configs(text):
     configs = []
     for item in (s.strip() for s in text.split(",") if s.strip()):
-        parts = item.split(":")
+        method, *values = item.split(":")
         try:
-            if parts == ["base"]:
+            if method == "base" and not values:
                 configs.append(Config("base"))
-            elif parts[0] == "lora" and len(parts) == 2:
-                configs.append(Config("lora", int(parts[1])))
-            elif parts[0] == "idlora" and len(parts) == 4:
-                r = 0 if parts[1] == "match" else int(parts[1])
-                configs.append(Config("idlora", r, int(parts[2]), int(parts[3])))
-            else:
+                continue
+            keys = numeric_settings(method)              # KeyError: not a method
+            if len(values) > len(keys):
                 raise ValueError
-        except ValueError:
-            raise SystemExit(f"error: bad configuration {item!r}; use base, lora:R, idlora:R:K:M "
-                             f"or idlora:match:K:M")
+            given = [0 if (method, i, v) == ("idlora", 0, "match") else int(v) for i, v in enumerate(values)]
+            defaults = baselines.METHODS[method].defaults
+            configs.append(Config(method, tuple((k, given[i] if i < len(given) else defaults[k]) for i, k in enumerate(keys))))
+        except (KeyError, ValueError):
+            raise SystemExit(f"error: bad configuration {item!r}; use base, or a method of {list(baselines.METHODS)} "
+                             f"with its settings: lora:R, dora:R, hydralora:R:K, moelora:R:K, idlora:R:K:M or "
+                             f"idlora:match:K:M")
     if len({c.name for c in configs}) < len(configs):
         raise SystemExit(f"error: a configuration is listed twice in {text!r}")
     return configs
@@ -141,16 +153,16 @@ def idlora_count(shapes, r, k, m):
 def resolve_matches(configs, shapes):
     """idlora:match:K:M -> the rank (a multiple of M) whose trainable count is nearest the first
     numeric idlora config's (idlora:128:K:2 if there is none)."""
-    ref = next((c for c in configs if c.kind == "idlora" and c.r), None)
+    ref = next((c for c in configs if c.method == "idlora" and c.get("r")), None)
     out = []
     for c in configs:
-        if c.kind == "idlora" and not c.r:
-            rc = ref or Config("idlora", 128, c.k, 2)
-            budget = idlora_count(shapes, rc.r, rc.k, rc.boost)
-            top = max(d_out for _, d_out, _ in shapes) // c.k
-            r = min(range(c.boost, top + 1, c.boost),
-                    key=lambda r: (abs(idlora_count(shapes, r, c.k, c.boost) - budget), r))
-            c = Config("idlora", r, c.k, c.boost, note=f"rank matching the budget of {rc.name}")
+        if c.method == "idlora" and not c.get("r"):
+            k, m = c.get("k"), c.get("boost")
+            rc = ref or Config("idlora", (("r", 128), ("k", k), ("boost", 2)))
+            budget = idlora_count(shapes, rc.get("r"), rc.get("k"), rc.get("boost"))
+            top = max(d_out for _, d_out, _ in shapes) // k
+            r = min(range(m, top + 1, m), key=lambda r: (abs(idlora_count(shapes, r, k, m) - budget), r))
+            c = Config("idlora", (("r", r), ("k", k), ("boost", m)), note=f"rank matching the budget of {rc.name}")
         out.append(c)
     return out
 
@@ -194,15 +206,12 @@ def targets(args):
 
 
 def attach(model, c, args):
-    """Patch `model` in place with configuration c (alpha = 2r: the paper's alpha/r). What the
-    patching prints goes to stderr, so stdout stays the markdown report."""
+    """Patch `model` in place with configuration c through the table (alpha = 2r: the paper's
+    alpha/r). What the patching prints goes to stderr, so stdout stays the markdown report."""
     with contextlib.redirect_stdout(sys.stderr):
-        if c.kind == "lora":
-            return idlora.apply_lora(model, r=c.r, alpha=2 * c.r, dropout=args.dropout, targets=targets(args))
-        return idlora.apply_idlora(model, r=c.r, k=c.k, alpha=2 * c.r, boost=c.boost, dropout=args.dropout,
-                                   targets=targets(args), selection=args.selection, seed=args.seed,
-                                   cache_dir=args.cluster_cache or None, n_init=args.n_init,
-                                   max_iter=args.max_iter, n_jobs=args.build_jobs)
+        return baselines.apply(model, c.method, **dict(c.settings), dropout=args.dropout, targets=targets(args),
+                               selection=args.selection, seed=args.seed, cache_dir=args.cluster_cache or None,
+                               n_init=args.n_init, max_iter=args.max_iter, n_jobs=args.build_jobs, fp32=args.adapter_fp32)
 
 
 def set_module(model, name, module):
@@ -220,12 +229,11 @@ class Adapters:
         self.base_layers = dict(idlora.find_targets(model, targets(args)))
         self.sets, self.reports = {}, {}
         for c in configs:
-            if c.kind == "base":
+            if c.method == "base":
                 continue
             log(f"building {c.name}")
             self.reports[c.name] = attach(model, c, args)
             self.sets[c.name] = {n: model.get_submodule(n) for n in self.base_layers}
-            set_fp32(self.sets[c.name].values(), args.adapter_fp32)
             self.use("base")
 
     def use(self, name):
@@ -240,17 +248,21 @@ class Adapters:
 
 
 def merge(wrappers, model):
-    """LoRA merged for inference: fold B A into W0 and put the plain nn.Linear back."""
+    """Merged for inference: fold each adapter into W0 and put the plain nn.Linear back. Returns
+    copies of the W0s, for unmerge."""
+    saved = {}
     for n, w in wrappers.items():
+        saved[n] = w.base.weight.detach().clone()
         w.merge()
         set_module(model, n, w.base)
+    return saved
 
 
 @torch.no_grad()
-def unmerge(wrappers):
-    """Undo merge (W0 -= scale B A; exact while B is 0, within one rounding step otherwise)."""
-    for w in wrappers.values():
-        w.base.weight -= (w.scaling * (w.B @ w.A)).to(w.base.weight.dtype)
+def unmerge(wrappers, saved):
+    """Undo merge: the W0s back, bit for bit."""
+    for n, w in wrappers.items():
+        w.base.weight.copy_(saved[n])
         w.merged = False
 
 
@@ -327,20 +339,12 @@ def gb(n):
 
 
 def train_ref(configs):
-    return next((c.name for c in configs if c.kind == "lora"), None)
+    """The reference of every "vs" column: the first LoRA configuration."""
+    return next((c.name for c in configs if c.method == "lora"), None)
 
 
 # -----------------------------------------------------------------------------
 # Sections
-
-
-def adapter_formula_bytes(w):
-    """What the adapter of one layer must take: ID-LoRA B + router (fp32) + row indices (int64);
-    LoRA A + B (fp32)."""
-    d_out, d_in = w.base.weight.shape
-    if isinstance(w, idlora.IDLoRALinear):
-        return 4 * ((d_out // w.boost) * (w.r // w.boost) + w.k * d_in) + 8 * w.k * w.r
-    return 4 * w.r * (d_in + d_out)
 
 
 def tensor_bytes(tensors):
@@ -354,15 +358,16 @@ def model_bytes(model):
 
 def section_params(model, ad, configs, args):
     print("## Trainable parameters, adapter memory, optimizer state\n")
-    loras = [c.name for c in configs if c.kind == "lora"]
+    loras = [c.name for c in configs if c.method == "lora"]
+    ref = train_ref(configs)
     n_base = sum(p.numel() for p in model.parameters())
     ad.use("base")
     base_bytes = model_bytes(model)
     ids = token_ids(model, 1, 16, args.seed).to(args.device)
-    rows = []
+    rows, adapter_bytes = [], {}
     for c in configs:
-        if c.kind == "base":
-            rows.append([c.name, "0", *[""] * len(loras), "", "0", "0", "", "0"])
+        if c.method == "base":
+            rows.append([c.name, "0", *[""] * len(loras), "", "0", "", "0", "", "0", "0"])
             continue
         ad.use(c.name)
         wrappers = ad.sets[c.name].values()
@@ -370,8 +375,9 @@ def section_params(model, ad, configs, args):
         measured = sum(tensor_bytes(itertools.chain(
             (p for n, p in w.named_parameters() if not n.startswith("base.")),
             (b for n, b in w.named_buffers() if not n.startswith("base.")))) for w in wrappers)
-        formula = sum(adapter_formula_bytes(w) for w in wrappers)
+        formula = sum(baselines.METHODS[c.method].nbytes(*w.base.weight.shape, w) for w in wrappers)
         extra = model_bytes(model) - base_bytes
+        adapter_bytes[c.name] = measured
         no_copy = all(w.base is ad.base_layers[n] for n, w in ad.sets[c.name].items())
         # AdamW state, read from a real optimizer after one step (on meta: zero gradients)
         params = ad.params(c.name)
@@ -390,16 +396,21 @@ def section_params(model, ad, configs, args):
         del opt
         ratios = [f"{n_train / ad.reports[l]['trainable']:.2f}x" for l in loras]
         check = "yes" if measured == formula == extra and no_copy else "NO"
+        vs_ref = f"{measured / adapter_bytes[ref]:.2f}x" if ref in adapter_bytes else ""
+        at_inference = 0 if baselines.mergeable(c.method) else measured
         rows.append([c.name + (f" ({c.note})" if c.note else ""), f"{n_train:,}", *ratios,
-                     f"{n_train / n_base:.2%}", f"{measured:,}", f"{extra:,}", check,
+                     f"{n_train / n_base:.2%}", f"{measured:,}", vs_ref, f"{extra:,}", check, f"{at_inference:,}",
                      f"{moments:,} ({moments / max(n_train, 1):.0f} B/param)"])
     ad.use("base")
     table(["config", "trainable", *[f"vs {l}" for l in loras], "% of base", "adapter tensors+buffers, bytes",
-           "model bytes beyond base", "= formula, no W0 copy", "AdamW moments, bytes"], rows)
-    print(f"Base model: {n_base:,} parameters. Adapter formula per layer: ID-LoRA 4*((d_out/m)(r/m) + "
-          f"k*d_in) + 8*k*r (B and router fp32, int64 row indices); LoRA 4*r*(d_in+d_out). "
+           f"vs {ref}", "model bytes beyond base", "= formula, no W0 copy", "extra bytes at inference",
+           "AdamW moments, bytes"], rows)
+    print(f"Base model: {n_base:,} parameters. Adapter formula per layer (spec section 3, float32): LoRA "
+          f"r(d_in+d_out); DoRA r(d_in+d_out) + d_out; HydraLoRA r*d_in + k*r*d_out + k*d_in; MoELoRA "
+          f"k*r(d_in+d_out) + k*d_in; ID-LoRA (d_out/m)(r/m) + k*d_in, plus 8*k*r bytes of int64 row indices. "
           f"'model bytes beyond base' counts every parameter and buffer of the patched model minus "
-          f"the unpatched one's.\n")
+          f"the unpatched one's. 'extra bytes at inference': 0 for LoRA and DoRA, merged into W0; the "
+          f"adapter's bytes for the others, which cannot be merged (the paper's Fig. 3).\n")
 
 
 def _rss():
@@ -433,7 +444,6 @@ def _memory_child(args, c):
     torch.manual_seed(args.seed)
     model = build_model(args)
     attach(model, c, args)
-    set_fp32(model.modules(), args.adapter_fp32)
     if args.grad_ckpt:
         model.activation_checkpointing_enable()
     model.train()
@@ -465,7 +475,7 @@ def _memory_child(args, c):
 
 def section_memory(configs, args):
     print("## Peak memory of a training step (fresh process per configuration)\n")
-    names = [c for c in configs if c.kind != "base"]
+    names = [c for c in configs if c.method != "base"]
     ctx = multiprocessing.get_context("spawn")
 
     def run(c):
@@ -497,7 +507,7 @@ def section_memory(configs, args):
 
 def section_train(model, ad, configs, args):
     print("## Training step (forward, backward, AdamW step)\n")
-    names = [c.name for c in configs if c.kind != "base"]
+    names = [c.name for c in configs if c.method != "base"]
     ref = train_ref(configs)
     sync = make_sync(args.device)
     ids = token_ids(model, args.batch, args.seq_len, args.seed).to(args.device)
@@ -531,7 +541,7 @@ def section_infer(model, ad, configs, args):
     names = []
     for c in configs:
         names.append(c.name)
-        if c.kind == "lora":
+        if c.method != "base" and baselines.mergeable(c.method):
             names.append(c.name + " merged")
     if "base" not in names:
         names.insert(0, "base")
@@ -547,10 +557,10 @@ def section_infer(model, ad, configs, args):
 
     def run(n):
         merged = n.endswith(" merged")
-        lora = n[: -len(" merged")] if merged else n
-        ad.use(lora)
+        config = n[: -len(" merged")] if merged else n
+        ad.use(config)
         if merged:
-            merge(ad.sets[lora], model)
+            saved = merge(ad.sets[config], model)
         with torch.inference_mode():
             sync()
             t0 = time.perf_counter()
@@ -561,21 +571,23 @@ def section_infer(model, ad, configs, args):
             sync()
             t2 = time.perf_counter()
         if merged:
-            unmerge(ad.sets[lora])
+            unmerge(ad.sets[config], saved)
         ad.use("base")
         assert out.shape[1] == args.prompt_len + args.new_tokens
         return dict(fwd=t1 - t0, gen=t2 - t1)
 
     res = interleaved(names, run, args.repeats, args.warmup)
     model.train()
+    ref = f"{train_ref(configs)} merged"          # the paper's LoRA at inference (Fig. 3)
+    vs_ref = lambda r, key: f"{paired_ratio(r[key], res[ref][key]):.3f}" if ref in res else ""
     rows = []
     for n, r in res.items():
         rows.append([n, f"{med(r['fwd']) * 1e3:.1f}", f"{paired_ratio(r['fwd'], res['base']['fwd']):.3f}",
-                     spread([x * 1e3 for x in r["fwd"]]),
+                     vs_ref(r, "fwd"), spread([x * 1e3 for x in r["fwd"]]),
                      f"{gen_batch * args.new_tokens / med(r['gen']):.1f}",
-                     f"{paired_ratio(r['gen'], res['base']['gen']):.3f}"])
-    table(["config", "forward ms (median)", "vs base", "range ms", "generation tokens/s", "gen time vs base"],
-          rows)
+                     f"{paired_ratio(r['gen'], res['base']['gen']):.3f}", vs_ref(r, "gen")])
+    table(["config", "forward ms (median)", "vs base", f"vs {ref}", "range ms", "generation tokens/s",
+           "gen time vs base", f"gen time vs {ref}"], rows)
     print(f"Forward: batch {args.batch} x {args.seq_len} tokens, no grad, full logits. Generation: batch "
           f"{gen_batch}, prompt {args.prompt_len} tokens, exactly {args.new_tokens} new tokens (greedy, KV "
           f"cache, prefill included); tokens/s counts new tokens. {args.repeats} interleaved rounds after "
@@ -889,7 +901,7 @@ def suite_gpu(args):
         if config != "base":
             set_fp32(ad.sets[config].values(), fp32)
         if merged:
-            merge(ad.sets[config], model)
+            saved = merge(ad.sets[config], model)
         with torch.inference_mode():
             sync()
             t0 = time.perf_counter()
@@ -897,7 +909,7 @@ def suite_gpu(args):
             sync()
             t = time.perf_counter() - t0
         if merged:
-            unmerge(ad.sets[config])
+            unmerge(ad.sets[config], saved)
         ad.use("base")
         return dict(fwd=t)
 
@@ -1021,7 +1033,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join("results", "bench"), help="--suite: folder for its files")
     p.add_argument("--adapter-fp32", action="store_true", help="adapters compute in float32 instead of the base dtype")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"sections to run, from {','.join(SECTIONS)}")
-    p.add_argument("--configs", default=DEFAULT_CONFIGS, help="base, lora:R, idlora:R:K:M, idlora:match:K:M")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help="base, lora:R, dora:R, hydralora:R:K, moelora:R:K, "
+                                                             "idlora:R:K:M, idlora:match:K:M (see above)")
     p.add_argument("--model", default="smollm2", help="Hugging Face id or local folder; smollm2 = the embedded SmolLM2-135M-Instruct")
     p.add_argument("--model-config", help="llama-3-8b: that architecture with random weights, no download")
     p.add_argument("--layers", type=int, help="keep only the first N decoder layers (a slice, for code-path checks)")

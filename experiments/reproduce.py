@@ -1,7 +1,7 @@
 """
-Reproduce the paper's central claim at small scale: ID-LoRA against LoRA on the embedded
-SmolLM2-135M-Instruct, with the same data, steps, seeds and learning-rate grid for every method.
-Two studies:
+Reproduce the paper's central claim at small scale: ID-LoRA against LoRA and the other baselines
+(DoRA, HydraLoRA, MoELoRA, full fine-tuning) on the embedded SmolLM2-135M-Instruct, with the same
+data, steps, seeds and learning-rate rule for every method. Two studies:
 
     gsm8k      train on the first --train-examples GSM8K train problems; score held-out loss on the
                first --test-examples GSM8K test problems, and greedy accuracy on them
@@ -17,15 +17,18 @@ Two studies:
 The protocol, per study:
   0. "base": the frozen model, untrained, scored the same way (the floor every method starts from);
   1. learning-rate search: every --lrs x every method, seed 0 (lr by lr, so a partial grid
-     still compares methods at the same lr);
+     still compares methods at the same lr); full fine-tuning starts one decade lower (see FULL_LR);
   2. the best lr per method is the one with the lowest validation loss, on held-out examples that
      no run trains on and that are not the test examples; if it is at an edge of the grid, that
      method's grid grows by half a decade past the edge (--lr-extensions), the same rule for all;
   3. the main comparison (ID-LoRA r=128 vs LoRA r=16 and r=32; --seed-methods) runs again at its
      best lr with --seeds; the table gives the mean and spread over every seed at the best lr.
+Methods are named <method>[-r<rank>][-k<k>][-noRB][-serial|-random] (e.g. hydralora-r16-k3, or
+full), a method of baselines.METHODS with train.py's flags; --methods takes those in METHODS below.
 Resumable: a finished run (results/<study>/<run>.json exists) is skipped, a half-finished one
-continues from its checkpoint. Several processes can share the grid, each taking the next
-unclaimed run (on a CPU, e.g. two with OMP_NUM_THREADS=1 on 2 cores). Runs go to runs/repro/<study>/<run>/ (adapters: not committed);
+continues from its checkpoint (a finished run's optimizer state, state.pt, is then deleted: for
+a full fine-tune of SmolLM2 it is 1 GB). Several processes can share the grid, each taking the next
+unclaimed run (on a CPU, e.g. two with OMP_NUM_THREADS=1 on 2 cores). Runs go to runs/repro/<study>/<run>/ (adapters and model folders: not committed);
 results/<study>/*.json are small and committed.
 """
 
@@ -43,26 +46,40 @@ import torch
 # Run as a script from anywhere: the project's modules (idlora, train, eval, data) are one folder up.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import baselines
 import data
 import eval as evaluate
 import idlora
 import train
 
-# The methods of the study (issue 7). "w/o RB" is boost=1 at the rank with the same trainable
-# count as boost=2 at r=128. On LLaMA-3-8B that is r=32 exactly (B: d_out x 32 = d_out/2 x 128/2).
-# On SmolLM2 the k/v layers (192 rows < k*r) are clamped to rank 48 at boost 2 but not at boost 1,
-# so r=32 would have 4.3% more; r=31 is the nearest (5,420,160 vs 5,345,280: +1.4%).
-METHODS = {
-    "idlora-r128-k4": ["--method", "idlora", "--rank", "128", "--k", "4"],
-    "lora-r8": ["--method", "lora", "--rank", "8"],
-    "lora-r16": ["--method", "lora", "--rank", "16"],
-    "lora-r32": ["--method", "lora", "--rank", "32"],
-    "idlora-r31-k4-noRB": ["--method", "idlora", "--rank", "31", "--k", "4", "--boost", "1"],
-    "idlora-r128-k4-serial": ["--method", "idlora", "--rank", "128", "--k", "4", "--selection", "serial"],
-    "idlora-r128-k4-random": ["--method", "idlora", "--rank", "128", "--k", "4", "--selection", "random"],
-    "idlora-r128-k2": ["--method", "idlora", "--rank", "128", "--k", "2"],
-    "idlora-r128-k8": ["--method", "idlora", "--rank", "128", "--k", "8"],
-}
+# The methods of the studies, as names that say their settings (method_argv turns a name into
+# train.py's flags; the method itself comes from baselines.METHODS, or is full fine-tuning).
+# "w/o RB" is boost=1 at the rank with the same trainable count as boost=2 at r=128. On LLaMA-3-8B
+# that is r=32 exactly (B: d_out x 32 = d_out/2 x 128/2). On SmolLM2 the k/v layers (192 rows < k*r)
+# are clamped to rank 48 at boost 2 but not at boost 1, so r=32 would have 4.3% more; r=31 is the
+# nearest (5,420,160 vs 5,345,280: +1.4%). The baselines are at the paper's settings (Tables 1-2).
+METHODS = ("idlora-r128-k4", "lora-r8", "lora-r16", "lora-r32", "idlora-r31-k4-noRB", "idlora-r128-k4-serial",
+           "idlora-r128-k4-random", "idlora-r128-k2", "idlora-r128-k8",
+           "dora-r32", "hydralora-r16-k3", "moelora-r8-k4", "full")
+NAME = re.compile(r"(?P<method>[a-z]+)(?:-r(?P<r>\d+))?(?:-k(?P<k>\d+))?(?P<noRB>-noRB)?(?:-(?P<selection>serial|random))?")
+
+
+def method_argv(name):
+    """train.py's flags for a method name: idlora-r31-k4-noRB -> --method idlora --rank 31 --k 4 --boost 1."""
+    m = NAME.fullmatch(name)
+    if m is None or m["method"] not in list(baselines.METHODS) + ["full"]:
+        raise ValueError(f"{name!r} is not <method>[-r<rank>][-k<k>][-noRB][-serial|-random] with a method "
+                         f"from {list(baselines.METHODS) + ['full']}")
+    flags = dict(rank=m["r"], k=m["k"], boost="1" if m["noRB"] else None, selection=m["selection"])
+    return ["--method", m["method"]] + [x for flag, v in flags.items() if v for x in (f"--{flag}", v)]
+
+
+def is_ablation(name):
+    """ID-LoRA variants of the ablation study (other k, w/o RB, serial/random rows): not the paper's method."""
+    m = NAME.fullmatch(name)
+    return bool(m and (m["noRB"] or m["selection"] or (m["method"] == "idlora" and m["k"] not in (None, "4"))))
+
+
 MAIN = ("idlora-r128-k4", "lora-r16", "lora-r32")
 STUDIES = ("gsm8k", "multitask")
 MULTITASK = {"gsm8k": "gsm8k", "code": "codealpaca", "safety": "saferpaca"}   # task -> data.load name
@@ -81,14 +98,21 @@ def done(args, name):
 
 
 LR_STEP = 10 ** 0.5      # one grid step past an edge: half a decade (2e-4 -> 6e-5, 2e-3 -> 6e-3)
+# Full fine-tuning changes every weight directly, while an adapter's update starts at zero in a
+# small subspace, scaled by alpha/r: full fine-tuning's usual learning rates are about a decade
+# below LoRA's (Hu et al. 2022 and most LoRA studies since), and its grid starts one decade below
+# --lrs (2e-5, 6e-5, 2e-4 by default). The same edge rule then grows it, so its searched range
+# is as wide as every other method's.
+FULL_LR = 0.1
 
 
 def start_grid(args, method):
-    """The lrs a method's search starts from: --lrs; or, with --lrs-around DIR, the lr the method chose
-    in the same study's results in DIR (replayed by lr_search from --lrs) and the half-decade on each
-    side of it, so a longer study starts where the shorter one ended, for every method alike."""
+    """The lrs a method's search starts from: --lrs (full fine-tuning: --lrs x FULL_LR); or, with
+    --lrs-around DIR, the lr the method chose in the same study's results in DIR (replayed by
+    lr_search) and the half-decade on each side of it, so a longer study starts where the shorter
+    one ended, for every method alike."""
     if not args.lrs_around:
-        return sorted(args.lrs)
+        return sorted(float(f"{lr * FULL_LR:.3g}") for lr in args.lrs) if method == "full" else sorted(args.lrs)
     earlier = argparse.Namespace(**{**vars(args), "results": args.lrs_around, "lrs_around": None})
     best = lr_search(earlier, method)[1]
     if best is None:
@@ -227,14 +251,15 @@ def train_run(args, out, method, lr, seed, records):
     if os.path.exists(os.path.join(out, "state.pt")):
         argv.append("--resume")
     if not os.path.exists(os.path.join(out, "loss.png")):          # written when a run completes
-        train.main(argv + METHODS[method])
+        train.main(argv + method_argv(method))
 
 
-def scores(args, out, adapter):
-    """Accuracy from eval.py: GSM8K greedy (gsm8k study) or zero-shot MMLU and CSQA (multitask)."""
-    common = ["--model", args.model, "--device", args.device, "--dtype", args.dtype,
-              "--output-dir", os.path.join(out, "eval")]
-    common += (["--adapter", out] if adapter else []) + (["--data-dir", args.data_dir] if args.data_dir else [])
+def scores(args, out, method):
+    """Accuracy from eval.py: GSM8K greedy (gsm8k study) or zero-shot MMLU and CSQA (multitask), of
+    the base model, a run's adapter on it, or a full fine-tune's model folder."""
+    model = ["--model", os.path.join(out, "model")] if method == "full" else ["--model", args.model]
+    common = model + ["--device", args.device, "--dtype", args.dtype, "--output-dir", os.path.join(out, "eval")]
+    common += (["--adapter", out] if method not in ("base", "full") else []) + (["--data-dir", args.data_dir] if args.data_dir else [])
     if args.study == "gsm8k":
         tasks = {"gsm8k": (args.accuracy_examples, ["--max-new-tokens", str(args.max_new_tokens)])}
     else:
@@ -257,7 +282,7 @@ def learning_curve(args, out, val, test):
         if not os.path.exists(path):                       # the run is shorter than this step
             continue
         model, tok = train.load_model(args.model, args.dtype, args.device)
-        idlora.load_adapter(model, path)
+        baselines.load_adapter(model, path)
         v, t = losses(args, model, tok, val), losses(args, model, tok, test)
         points.append(dict(step=step, val_loss=sum(v.values()) / len(v), test_loss=sum(t.values()) / len(t)))
     return points
@@ -270,9 +295,10 @@ def one_run(args, name, method, lr, seed, records, val, test):
         train_run(args, out, method, lr, seed, records)
     train_s = time.time() - t0
     curve = learning_curve(args, out, val, test) if method != "base" and args.eval_at else None
-    model, tok = train.load_model(args.model, args.dtype, args.device)
-    if method != "base":
-        idlora.load_adapter(model, os.path.join(out, "adapter.safetensors"))
+    if method == "base":
+        model, tok = train.load_model(args.model, args.dtype, args.device)
+    else:
+        model, tok = train.load_trained(out, args.device, args.dtype, base=args.model)   # the adapter on the base, or model/
     val_loss, test_loss = losses(args, model, tok, val), losses(args, model, tok, test)
     row = dict(study=args.study, run=name, method=method, lr=lr, seed=seed,
                trainable=idlora.count_trainable(model) if method != "base" else 0,
@@ -288,13 +314,15 @@ def one_run(args, name, method, lr, seed, records, val, test):
         row["curve"] = curve + [dict(step=row["steps"], val_loss=row["val_loss"], test_loss=row["test_loss"])]
     del model
     t1 = time.time()
-    row.update(accuracy=scores(args, out, method != "base"), train_seconds=round(train_s),
+    row.update(accuracy=scores(args, out, method), train_seconds=round(train_s),
                eval_seconds=round(time.time() - t1), device=args.device, dtype=args.dtype, model=args.model,
                threads=torch.get_num_threads())                    # CPU threads of this process
     os.makedirs(os.path.dirname(result_path(args, name)), exist_ok=True)
     with open(result_path(args, name) + ".tmp", "w") as f:
         json.dump(row, f, indent=1)
     os.replace(result_path(args, name) + ".tmp", result_path(args, name))
+    if os.path.exists(os.path.join(out, "state.pt")):      # only --resume needs it, and the run is done
+        os.remove(os.path.join(out, "state.pt"))
     print(f"{args.study}/{name}: val {row['val_loss']:.4f}  test {row['test_loss']:.4f}  {row['accuracy']}")
 
 
@@ -387,25 +415,26 @@ def plot_curves(args, folder, curves):
 
 
 def plot(args, folder, rows, best):
-    """The paper's Fig. 4 at small scale: every trained run faint (one point per lr and seed),
-    the best lr of each plain LoRA and ID-LoRA (k=4) bold and labelled (the mean over its seeds),
-    the untrained base as a dashed line. The ablations (other k, w/o RB, serial/random rows)
-    sit at nearly the same count, so they are left to the table rather than crowd the labels."""
+    """The paper's Fig. 4 at small scale: every trained run faint (one point per lr and seed), the
+    best lr of each method bold and labelled (the mean over its seeds), one colour and marker per
+    method family, the untrained base as a dashed line. The ID-LoRA ablations (other k, w/o RB,
+    serial/random rows) sit at nearly the same count, so they are left to the table."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     trained = [r for r in rows if r["method"] != "base"]
     if not trained:
         return
+    family = lambda method: NAME.fullmatch(method)["method"]
     plt.figure(figsize=(6, 4))
-    for family, marker, colour in (("lora", "o", "tab:blue"), ("idlora", "s", "tab:orange")):
-        runs = [r for r in trained if r["method"].startswith(family + "-")]
+    for i, fam in enumerate(f for f in list(baselines.METHODS) + ["full"] if any(family(r["method"]) == f for r in trained)):
+        marker, colour = "osD^vP*"[i % 7], f"C{i}"
+        runs = [r for r in trained if family(r["method"]) == fam]
         plt.scatter([r["trainable"] for r in runs], [r["test_loss"] for r in runs], marker=marker,
-                    color=colour, alpha=0.3, s=15, label=f"{family}: every run")
-        curve = re.compile(rf"{family}-r\d+(-k4)?$")        # lora-r16, idlora-r128-k4: no ablations
-        pts = sorted((n, l, m) for m, (n, l) in best.items() if curve.match(m))
+                    color=colour, alpha=0.3, s=15, label=f"{fam}: every run")
+        pts = sorted((n, l, m) for m, (n, l) in best.items() if family(m) == fam and not is_ablation(m))
         plt.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=colour, s=50,
-                    label=f"{family}: best lr, mean over seeds")
+                    label=f"{fam}: best lr, mean over seeds")
         for n, l, m in pts:
             plt.annotate(m, (n, l), fontsize=6)
     base = next((r for r in rows if r["method"] == "base"), None)
@@ -415,7 +444,7 @@ def plot(args, folder, rows, best):
     plt.xlabel("trainable parameters")
     plt.ylabel(f"{args.study} test loss (NLL / response token)")
     plt.title(f"{args.study}: held-out loss against trainable parameters")
-    plt.legend(fontsize=7)
+    plt.legend(fontsize=6)
     plt.tight_layout()
     plt.savefig(os.path.join(folder, "loss_vs_params.png"), dpi=120)
 

@@ -116,8 +116,8 @@ def reference(tmp_path_factory, tiny_model_dir, gsm8k_dir):
     out = tmp_path_factory.mktemp("one") / "run"
     real, kept = train.save_checkpoint, {}
 
-    def save_and_keep(o, model, opt, sched, step, method):
-        real(o, model, opt, sched, step, method)
+    def save_and_keep(o, model, tok, opt, sched, step, method):
+        real(o, model, tok, opt, sched, step, method)
         path = os.path.join(o, "adapter.safetensors")
         kept[step] = dict(adapter=load_file(path), config=idlora.read_adapter_config(path), state=state(o))
 

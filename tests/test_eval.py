@@ -18,6 +18,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+import baselines
 import data
 import eval as ev
 import idlora
@@ -203,7 +204,7 @@ def tiny_dir(tmp_path_factory, tok):
 
 @pytest.fixture
 def tiny(tiny_dir):
-    model, tok = train.load_model(tiny_dir)
+    model, tok = train.load_model(tiny_dir, "fp32")        # exact scores: float32 on every CPU
     return model.eval(), tok
 
 
@@ -337,21 +338,21 @@ def test_all_goes_on_without_hexphi(monkeypatch, tmp_path, tiny_dir, data_dir):
     assert csqa["n"] == 3 and csqa["model"] == tiny_dir and csqa["adapter"] is None
 
 
-def test_adapter_run(tmp_path, tiny_dir, data_dir):
+@pytest.mark.parametrize("method", ["lora", "moelora"])
+def test_adapter_run(tmp_path, tiny_dir, data_dir, method):
     """An adapter folder: its base model is loaded, its layers are applied, scores land in <run>/eval."""
     model, tok = train.load_model(tiny_dir)
-    idlora.apply_lora(model, r=4, alpha=8, dropout=0.0)
+    baselines.apply(model, method, r=4, dropout=0.0)
     torch.manual_seed(1)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, idlora.LoRALinear):
-                m.B.normal_(std=0.5)                      # a non-zero update, so the adapter changes scores
+        for name in model.adapter_config["ranks"]:
+            model.get_submodule(name).B.normal_(std=0.5)      # a non-zero update, so the adapter changes scores
     run = tmp_path / "run"
     idlora.save_adapter(model, str(run / "adapter.safetensors"))
     ev.main(["--task", "csqa", "--adapter", str(run), "--data-dir", data_dir, "--limit", "2"])
     scores = json.load(open(run / "eval" / "csqa-limit2.json"))
     assert scores["model"] == tiny_dir and scores["adapter"] == str(run / "adapter.safetensors")
-    assert scores["adapter_config"]["method"] == "lora" and scores["n"] == 2 and scores["limit"] == 2
+    assert scores["adapter_config"]["method"] == method and scores["n"] == 2 and scores["limit"] == 2
     rows = [json.loads(l) for l in open(run / "eval" / "csqa-limit2.jsonl")]
     records = data.load("csqa", "validation", data_dir)[:2]
     want = ev.option_logprobs(model.eval(), tok, [ev.csqa_prompt(r) for r in records], [list("ABCDE")] * 2, 8)
@@ -360,6 +361,30 @@ def test_adapter_run(tmp_path, tiny_dir, data_dir):
     assert max(abs(a - b) for a, b in zip(want[0], base[0])) > 1e-3     # the adapter did change them
     assert [r["reference"] for r in rows] == ["A", "B"] and scores["metrics"]["accuracy"] == pytest.approx(
         sum(r["correct"] for r in rows) / 2)
+
+
+def test_full_fine_tune_run(tmp_path, tiny_dir, data_dir, capsys):
+    """train.py --method full writes <run>/model, which eval.py --model loads as any model folder
+    (weights, config.json, tokenizer): the trained weights are scored, into <run>/eval."""
+    records = tmp_path / "train.jsonl"
+    records.write_text("".join(json.dumps({"instruction": f"Pick {c}", "output": c}) + "\n" for c in "ABCDEABC"))
+    run = tmp_path / "run"
+    train.main(["--model", tiny_dir, "--method", "full", "--train-file", str(records), "--max-steps", "2",
+                "--batch-size", "4", "--micro-batch-size", "4", "--lr", "1e-3", "--output-dir", str(run)])
+    assert json.load(open(run / "model" / "config.json"))["use_cache"] is True      # generation keeps its cache
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--task", "csqa", "--adapter", str(run)])
+    assert f"is a full fine-tune, not an adapter: pass --model {run / 'model'}" in capsys.readouterr().err
+    ev.main(["--task", "csqa", "--model", str(run / "model"), "--data-dir", data_dir, "--limit", "2"])
+    scores = json.load(open(run / "eval" / "csqa-limit2.json"))
+    assert scores["model"] == str(run / "model") and scores["adapter"] is None and scores["n"] == 2
+    rows = [json.loads(l) for l in open(run / "eval" / "csqa-limit2.jsonl")]
+    model, tok = train.load_trained(str(run))
+    prompts = [ev.csqa_prompt(r) for r in data.load("csqa", "validation", data_dir)[:2]]
+    want = ev.option_logprobs(model.eval(), tok, prompts, [list("ABCDE")] * 2, 8)
+    base = ev.option_logprobs(train.load_model(tiny_dir)[0].eval(), tok, prompts, [list("ABCDE")] * 2, 8)
+    assert [list(r["scores"].values()) for r in rows] == [pytest.approx(w, abs=1e-4) for w in want]
+    assert max(abs(a - b) for a, b in zip(want[0], base[0])) > 1e-3     # training did change them
 
 
 # -----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import subprocess
 
 import pytest
 
+import train
 from experiments import reproduce
 
 
@@ -217,6 +218,46 @@ def test_multitask_mix_is_disjoint_from_its_held_out_sets(tmp_path, tiny_model_d
     assert r["test_loss"] == pytest.approx(sum(r["test_loss_per_task"].values()) / 3)
     assert set(r["accuracy"]) == {"mmlu", "csqa"} and r["steps"] == 3   # 12 examples / batch 4
     assert "| base | 0 |" in open(tmp_path / "results" / "multitask" / "table.md").read()
+
+
+def test_multitask_baselines_and_full_fine_tuning(tmp_path, tiny_model_dir, tiny_data):
+    """A baseline adapter and full fine-tuning through the multitask study on the tiny model: each
+    trains, is scored from its adapter or its model folder, and full fine-tuning searches a grid one
+    decade below --lrs. A finished run keeps its adapter or model/, not its optimizer state."""
+    argv = common(tmp_path, tiny_model_dir, tiny_data) + [
+        "--study", "multitask", "--methods", "hydralora-r16-k3,full", "--lrs", "1e-2",
+        "--seeds", "", "--train-examples", "4", "--val-examples", "2", "--test-examples", "2",
+        "--mmlu-per-subject", "1", "--csqa-examples", "2"]
+    reproduce.main(argv)
+    rows = results(tmp_path, "multitask")
+    assert set(rows) == {"base", "hydralora-r16-k3_lr0.01_s0", "full_lr0.001_s0"}
+    base = rows["base"]
+    for name, r in rows.items():
+        if name != "base":
+            assert r["steps"] == 3 and set(r["accuracy"]) == {"mmlu", "csqa"} and r["test_loss"] != base["test_loss"]
+            assert not os.path.exists(tmp_path / "runs" / "multitask" / name / "state.pt")
+    # the tiny model: 2 layers of 64 (q, o 64x64; k, v 32x64; gate, up 128x64; down 64x128), vocabulary of 49,152 tied
+    shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]
+    assert rows["hydralora-r16-k3_lr0.01_s0"]["trainable"] == 2 * sum(16 * i + 3 * 16 * o + 3 * i for o, i in shapes)
+    full = tmp_path / "runs" / "multitask" / "full_lr0.001_s0"
+    assert rows["full_lr0.001_s0"]["trainable"] == sum(p.numel() for p in train.load_model(str(full / "model"))[0].parameters())
+    assert json.load(open(full / "eval" / "csqa-limit2.json"))["model"] == str(full / "model")
+    table = open(tmp_path / "results" / "multitask" / "table.md").read()
+    assert "| full | 0.001 | 0.001 | 1 | " in table and "| hydralora-r16-k3 | 0.01 | 0.01 | 1 | " in table
+
+
+def test_method_names_become_train_flags():
+    assert reproduce.method_argv("idlora-r31-k4-noRB") == ["--method", "idlora", "--rank", "31", "--k", "4", "--boost", "1"]
+    assert reproduce.method_argv("idlora-r128-k4-serial") == ["--method", "idlora", "--rank", "128", "--k", "4",
+                                                              "--selection", "serial"]
+    assert reproduce.method_argv("hydralora-r16-k3") == ["--method", "hydralora", "--rank", "16", "--k", "3"]
+    assert reproduce.method_argv("full") == ["--method", "full"]
+    for name in reproduce.METHODS:                                     # every one is a valid train.py run
+        train.parse_args(reproduce.method_argv(name))
+    with pytest.raises(ValueError, match="'vera-r8' is not"):
+        reproduce.method_argv("vera-r8")
+    args = argparse.Namespace(lrs=[2e-4, 6e-4, 2e-3], lrs_around=None)
+    assert reproduce.start_grid(args, "full") == [2e-5, 6e-5, 2e-4] and reproduce.start_grid(args, "dora-r32") == args.lrs
 
 
 def test_too_little_data_is_a_clear_error(tmp_path, tiny_model_dir, tiny_data):

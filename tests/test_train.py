@@ -30,10 +30,12 @@ def gsm8k_dir(tmp_path_factory):
 
 
 def run(tmp_path, model_dir, data_dir, *extra):
+    """A short run: ID-LoRA r=8 k=2 (random rows, dropout 0.1) unless `extra` names a --method,
+    which then brings its own settings."""
     out = str(tmp_path / "run")
+    settings = [] if "--method" in extra else ["--rank", "8", "--k", "2", "--selection", "random", "--dropout", "0.1"]
     train.main(["--task", "gsm8k", "--model", model_dir, "--data-dir", data_dir, "--output-dir", out,
-                "--rank", "8", "--k", "2", "--selection", "random", "--batch-size", "8", "--micro-batch-size", "4",
-                "--max-len", "64", "--lr", "5e-2", "--dropout", "0.1", *extra])
+                "--batch-size", "8", "--micro-batch-size", "4", "--max-len", "64", "--lr", "5e-2", *settings, *extra])
     return out
 
 
@@ -154,9 +156,14 @@ def test_kmeans_flags_reach_pmrc_and_its_cache_key(tmp_path, tiny_model_dir, gsm
     assert "--kmeans-iters must be at least 1" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method", ["idlora", "full"])
+RESUMED = {"idlora": ["--rank", "8", "--k", "2", "--selection", "random", "--dropout", "0.1", "--lr", "5e-2"],
+           "hydralora": ["--rank", "4", "--k", "3", "--dropout", "0.1", "--lr", "5e-2"],
+           "full": ["--lr", "1e-3"]}
+
+
+@pytest.mark.parametrize("method", list(RESUMED))
 def test_resume_after_interrupt_matches_an_uninterrupted_run(tmp_path, tiny_model_dir, gsm8k_dir, monkeypatch, method):
-    m = ["--method", method, "--lr", "5e-2" if method == "idlora" else "1e-3"]
+    m = ["--method", method, *RESUMED[method]]
     whole = run(tmp_path / "a", tiny_model_dir, gsm8k_dir, "--max-steps", "6", *m)
 
     # Ctrl-C in the middle of step 4: the run saves step 3 and exits with a message.
@@ -181,7 +188,7 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(tmp_path, tiny_mode
     run(tmp_path / "b", tiny_model_dir, gsm8k_dir, "--max-steps", "6", "--resume", *m)
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in metrics(out)] == pytest.approx([r["loss"] for r in metrics(whole)], rel=1e-5)
-    f = "adapter.safetensors" if method == "idlora" else "model.safetensors"
+    f = os.path.join("model", "model.safetensors") if method == "full" else "adapter.safetensors"
     a, b = load_file(os.path.join(whole, f)), load_file(os.path.join(out, f))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
@@ -193,13 +200,37 @@ def test_nan_loss_is_refused_without_saving(tmp_path, tiny_model_dir, gsm8k_dir,
     assert not os.path.exists(tmp_path / "run" / "adapter.safetensors")
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_other_methods(tmp_path, tiny_model_dir, gsm8k_dir, method):
+@pytest.mark.parametrize("method,settings", [("lora", dict(rank=32, k=None)), ("dora", dict(rank=32, k=None)),
+                                             ("hydralora", dict(rank=16, k=3)), ("moelora", dict(rank=8, k=4)),
+                                             ("full", dict(rank=None, k=None))])
+def test_other_methods_at_their_paper_settings(tmp_path, tiny_model_dir, gsm8k_dir, method, settings):
+    """Every method trains with no setting given: the table's (the paper's) are used, alpha = 2r."""
     out = run(tmp_path, tiny_model_dir, gsm8k_dir, "--method", method, "--max-steps", "6",
-              "--lr", "5e-2" if method == "lora" else "1e-3")
+              "--lr", "1e-3" if method == "full" else "5e-2")
     rows = metrics(out)
     assert rows[-1]["loss"] < rows[0]["loss"]
-    assert os.path.exists(os.path.join(out, "adapter.safetensors" if method == "lora" else "model.safetensors"))
+    saved = json.load(open(os.path.join(out, "args.json")))
+    assert {key: saved[key] for key in settings} == settings
+    if method == "full":
+        assert os.path.exists(os.path.join(out, "model", "config.json")) and not os.path.exists(os.path.join(out, "model.tmp"))
+        assert os.path.basename(out) == "run" and saved["alpha"] is None
+    else:
+        cfg = idlora.read_adapter_config(os.path.join(out, "adapter.safetensors"))
+        assert cfg["method"] == method and cfg["r"] == settings["rank"] and cfg["alpha"] == 2 * settings["rank"]
+        assert cfg.get("k") == settings["k"] and cfg["dropout"] == 0.05
+
+
+def test_a_flag_the_method_does_not_use_is_an_error(capsys):
+    for argv, flag in ((["--method", "lora", "--k", "4"], "--k"), (["--method", "dora", "--boost", "1"], "--boost"),
+                       (["--method", "hydralora", "--selection", "serial"], "--selection"),
+                       (["--method", "full", "--rank", "8"], "--rank"), (["--method", "full", "--dropout", "0.1"], "--dropout")):
+        with pytest.raises(SystemExit):
+            train.parse_args(argv)
+        assert f"error: {flag} does not apply to --method {argv[1]}" in capsys.readouterr().err
+    args = train.parse_args(["--method", "moelora", "--k", "2"])
+    assert (args.rank, args.k, args.alpha, args.dropout, args.boost) == (8, 2, 16.0, 0.05, None)
+    assert args.output_dir == os.path.join("runs", "gsm8k-moelora-r8")
+    assert train.parse_args(["--method", "full"]).output_dir == os.path.join("runs", "gsm8k-full")
 
 
 def test_bf16_on_a_tiny_model(tmp_path, tiny_model_dir, gsm8k_dir):
@@ -248,6 +279,5 @@ def test_embedded_model_two_gsm8k_steps(tmp_path, embedded, row_cache):
                 "--micro-batch-size", "2", "--max-len", "128", "--output-dir", out, "--cluster-cache", row_cache])
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2] and all(0 < r["loss"] < 5 for r in rows)
-    import idlora
     cfg = idlora.read_adapter_config(os.path.join(out, "adapter.safetensors"))
     assert cfg["base_model"] == "smollm2" and cfg["method"] == "idlora" and set(cfg["ranks"].values()) == {48, 128}

@@ -1,0 +1,315 @@
+"""
+The paper's other baselines, DoRA, HydraLoRA and MoELoRA, beside ID-LoRA and LoRA (idlora.py), and
+METHODS: the one table of every method that train.py, eval.py, experiments/bench.py and
+experiments/reproduce.py read.
+
+One frozen linear layer y = W0 x + b, W0 of shape (d_out, d_in), s = alpha / r:
+
+    DoRA       y = m * ((W0 + s B A) / n) x + b        n = ||W0 + s B A|| per output row, m (d_out,)
+    HydraLoRA  y = W0 x + b + s sum_i w_i B_i A x      one A (r, d_in), k heads B_i (d_out, r)
+    MoELoRA    y = W0 x + b + s sum_i w_i B_i A_i x    k experts A_i (r, d_in), B_i (d_out, r)
+               w = softmax(W_g x), W_g (k, d_in): a dense per-token router (every head/expert, no top-k)
+
+DoRA (Liu et al., 2024) is LoRA with the update's magnitude and direction trained apart; it can be
+merged into W0. HydraLoRA (Tian et al., 2024) is ID-LoRA's mirror image: ID-LoRA has k frozen A's
+taken from W0 and one trained B; HydraLoRA one trained A and k trained B's. MoELoRA (after Liu et
+al., 2023) mixes k whole LoRAs. The router makes both input-dependent, so neither can be merged.
+Trainable numbers per layer (spec section 3): DoRA r(d_in + d_out) + d_out; HydraLoRA
+r d_in + k r d_out + k d_in; MoELoRA k r (d_in + d_out) + k d_in.
+
+Every layer here follows idlora.py's conventions, so idlora.py patches, freezes, saves and loads
+it: it wraps the frozen nn.Linear as `self.base`; its own tensors are direct parameters named as
+they are saved (A, B, m, router); B starts at zero, so the patched model is the base model
+exactly. Trainable tensors are float32 master weights; the forward computes the update in x's
+dtype (a bf16 model computes its adapter in bf16), or in float32 when the layer's `fp32` is True.
+On a float32 model the two are one computation.
+
+    python baselines.py     # Table 6: trainable parameters of all five methods on LLaMA-3-8B (meta device)
+"""
+
+import inspect
+import math
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import idlora
+from idlora import TARGETS, find_targets, patch
+
+# -----------------------------------------------------------------------------
+# 1. The layers
+
+
+def compute_dtype(layer, x):
+    """The dtype a layer computes its update in: x's, or float32 with layer.fp32."""
+    return torch.float32 if layer.fp32 else x.dtype
+
+
+def head_matrix(B, scaling, dtype):
+    """The k matrices B_i (k, d_out, r) side by side, [B_1 | ... | B_k] (d_out, k*r), times the
+    scale: sum_i w_i B_i z_i is then one matmul with [w_1 z_1 | ... | w_k z_k], and the scale
+    costs a pass over this small matrix, not over the (tokens, d_out) output."""
+    k, d_out, r = B.shape
+    return (scaling * B).transpose(0, 1).reshape(d_out, k * r).to(dtype)
+
+
+class DoRALinear(nn.Module):
+    """DoRA: W' = m * (W0 + s B A) / n, n = ||W0 + s B A|| per output row, m (d_out,) trained.
+    A (r, d_in) Kaiming and B (d_out, r) zero as in LoRA; m starts at the row norms of W0, so
+    m / n = 1 and the layer is W0 exactly. n is treated as a constant, without gradient (DoRA
+    section 4.3; peft does the same). As in the authors' code and peft, the update is added to
+    the base output, with x' = dropout(x):
+
+        y = W0 x + b + (m/n - 1) W0 x' + (m/n) s B A x'
+
+    Without dropout (inference) that is exactly W' x + b. With dropout, W0 x' is computed again
+    on the dropped input, which costs a second pass through W0 in training (peft's choice too)."""
+
+    def __init__(self, base: nn.Linear, r, alpha, dropout=0.0):
+        super().__init__()
+        d_out, d_in = base.weight.shape
+        dev = base.weight.device
+        self.base = base
+        self.r, self.alpha = r, alpha
+        self.scaling = alpha / r
+        self.fp32 = False
+        self.A = nn.Parameter(torch.empty(r, d_in, device=dev))       # (r, d_in), Kaiming
+        self.B = nn.Parameter(torch.zeros(d_out, r, device=dev))      # (d_out, r), 0
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        # m: (d_out,), the norms the forward computes while B = 0, so m / n = 1 exactly at init
+        self.m = nn.Parameter(self.weight_norm(base.weight.dtype))
+        self.dropout = nn.Dropout(dropout)
+        self.merged = False
+
+    @torch.no_grad()
+    def weight_norm(self, dtype):
+        """n = ||W0 + s B A|| per output row, (d_out,) float32, without gradient. Expanded as
+            n^2 = ||W0||^2 + 2s rowdot(B, W0 A^T) + s^2 rowdot(B A A^T, B)
+        so that no (d_out, d_in) matrix is built: the one big product is W0 A^T (d_out, r), in
+        `dtype`. On a 14336 x 4096 layer, 1 CPU thread: 0.21 s against 0.68 s for forming
+        W0 + s B A (same norms within 4e-7)."""
+        s, A, B = self.scaling, self.A, self.B
+        W0A = (self.base.weight.to(dtype) @ A.T.to(dtype)).float()            # (d_out, r)
+        n2 = torch.linalg.vector_norm(self.base.weight, dim=1, dtype=torch.float32).square()
+        n2 = n2 + 2 * s * (B * W0A).sum(1) + s * s * ((B @ (A @ A.T)) * B).sum(1)
+        return n2.clamp_min(0).sqrt()
+
+    def forward(self, x):
+        y = self.base(x)                                   # (..., d_out) = W0 x + b
+        if self.merged:
+            return y
+        dt = compute_dtype(self, x)
+        mn = self.m / self.weight_norm(dt)                 # (d_out,) m / n, float32
+        h = x.to(dt)
+        if self.training and self.dropout.p > 0:
+            h = self.dropout(h)
+            y0 = F.linear(h, self.base.weight.to(dt))      # W0 x', on the dropped input
+        else:
+            y0 = (y if self.base.bias is None else y - self.base.bias).to(dt)     # W0 x
+        lora = (h @ self.A.T.to(dt)) @ (self.B * (self.scaling * mn)[:, None]).T.to(dt)   # (m/n) s B A x'
+        dy = torch.addcmul(lora, y0, (mn - 1).to(dt))      # + (m/n - 1) W0 x'
+        return y + dy.to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold the layer into W0 (for inference): W0 <- m (W0 + s B A) / n; the adapter is then skipped."""
+        if not self.merged:
+            W = self.base.weight.float() + (self.scaling * self.B) @ self.A
+            W *= (self.m / torch.linalg.vector_norm(W, dim=1))[:, None]
+            self.base.weight.copy_(W)
+            self.merged = True
+
+
+class HydraLoRALinear(nn.Module):
+    """HydraLoRA: one A shared by k heads B_i, mixed per token by a softmax router:
+        y = W0 x + b + s sum_i w_i B_i A dropout(x),   w = softmax(W_g x)   (k,)
+    As the authors' code (the Linear class of HydraLoRA/peft/tuners/lora.py): A (r, d_in) and the
+    router W_g (k, d_in), a bias-free nn.Linear(d_in, k), both with nn.Linear's Kaiming-uniform
+    init; every B_i (d_out, r) zero; the router reads x without dropout, its softmax in float32.
+    Their optional load-balancing loss is computed only when the forward is given each example's
+    task type; it is not implemented. Not mergeable: w depends on x."""
+
+    def __init__(self, base: nn.Linear, r, alpha, k=3, dropout=0.0):
+        super().__init__()
+        d_out, d_in = base.weight.shape
+        dev = base.weight.device
+        self.base = base
+        self.r, self.k, self.alpha = r, k, alpha
+        self.scaling = alpha / r
+        self.fp32 = False
+        self.A = nn.Parameter(torch.empty(r, d_in, device=dev))            # (r, d_in), Kaiming
+        self.B = nn.Parameter(torch.zeros(k, d_out, r, device=dev))        # (k, d_out, r), 0
+        self.router = nn.Parameter(torch.empty(k, d_in, device=dev))       # (k, d_in), Kaiming
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        y = self.base(x)
+        dt = compute_dtype(self, x)
+        h = x.to(dt)
+        w = torch.softmax(h @ self.router.T.to(dt), dim=-1, dtype=torch.float32).to(dt)   # (..., k)
+        z = self.dropout(h) @ self.A.T.to(dt)                                             # (..., r)   A x'
+        u = (w.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)          # (..., k*r) [w_1 A x' | ... | w_k A x']
+        dy = u @ head_matrix(self.B, self.scaling, dt).T             # (..., d_out)
+        return y + dy.to(y.dtype)
+
+
+class MoELoRALinear(nn.Module):
+    """MoELoRA: k LoRA experts (A_i, B_i) mixed per token by a dense softmax router:
+        y = W0 x + b + s sum_i w_i B_i A_i dropout(x),   w = softmax(W_g x)   (k,)
+    The paper counts 4r(d_in + d_out) + 4 d_in per layer (its Table 6): 4 experts of rank r and a
+    router of 4 x d_in, i.e. a per-token router on x (MOELoRA's own gate reads a task embedding,
+    which a per-token count cannot have). Each A_i is Kaiming and each B_i zero, as in LoRA; the
+    router as HydraLoRA's. Every expert is used for every token (no top-k). Not mergeable."""
+
+    def __init__(self, base: nn.Linear, r, alpha, k=4, dropout=0.0):
+        super().__init__()
+        d_out, d_in = base.weight.shape
+        dev = base.weight.device
+        self.base = base
+        self.r, self.k, self.alpha = r, k, alpha
+        self.scaling = alpha / r
+        self.fp32 = False
+        self.A = nn.Parameter(torch.empty(k, r, d_in, device=dev))         # (k, r, d_in), Kaiming each
+        self.B = nn.Parameter(torch.zeros(k, d_out, r, device=dev))        # (k, d_out, r), 0
+        self.router = nn.Parameter(torch.empty(k, d_in, device=dev))       # (k, d_in), Kaiming
+        for A_i in self.A:                        # per expert: fan-in d_in, as k separate LoRA A's
+            nn.init.kaiming_uniform_(A_i, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        y = self.base(x)
+        dt = compute_dtype(self, x)
+        h = x.to(dt)
+        w = torch.softmax(h @ self.router.T.to(dt), dim=-1, dtype=torch.float32).to(dt)   # (..., k)
+        z = self.dropout(h) @ self.A.flatten(0, 1).T.to(dt)          # (..., k*r) [A_1 x' | ... | A_k x']
+        u = (z.unflatten(-1, (self.k, self.r)) * w.unsqueeze(-1)).flatten(-2)   # [w_1 A_1 x' | ...]
+        dy = u @ head_matrix(self.B, self.scaling, dt).T             # (..., d_out)
+        return y + dy.to(y.dtype)
+
+
+# -----------------------------------------------------------------------------
+# 2. Patching: each method's apply function works out its settings and hands idlora.patch the
+# function that makes one layer, (nn.Linear, settings, rank, saved tensors) -> layer. load_adapter
+# calls that same function with the settings and tensors from the file.
+
+
+def dora_layer(lin, cfg, r, saved):
+    return DoRALinear(lin, r, cfg["alpha"], cfg["dropout"])
+
+
+def hydralora_layer(lin, cfg, r, saved):
+    return HydraLoRALinear(lin, r, cfg["alpha"], cfg["k"], cfg["dropout"])
+
+
+def moelora_layer(lin, cfg, r, saved):
+    return MoELoRALinear(lin, r, cfg["alpha"], cfg["k"], cfg["dropout"])
+
+
+def _apply(model, method, make, targets, fp32, **settings):
+    """Every target nn.Linear of `model` -> make(...) at the same rank, in place; freeze the rest."""
+    layers = find_targets(model, targets)
+    cfg = dict(method=method, **settings, targets=list(targets), ranks={n: settings["r"] for n, _ in layers})
+    return patch(model, layers, cfg, lambda name, lin: make(lin, cfg, settings["r"], {}), fp32)
+
+
+def apply_dora(model, r=32, alpha=64, dropout=0.05, targets=TARGETS, fp32=False):
+    """Replace every target nn.Linear by a DoRALinear, in place; freeze the rest."""
+    return _apply(model, "dora", dora_layer, targets, fp32, r=r, alpha=alpha, dropout=dropout)
+
+
+def apply_hydralora(model, r=16, k=3, alpha=32, dropout=0.05, targets=TARGETS, fp32=False):
+    """Replace every target nn.Linear by a HydraLoRALinear with k B heads, in place; freeze the rest."""
+    return _apply(model, "hydralora", hydralora_layer, targets, fp32, r=r, k=k, alpha=alpha, dropout=dropout)
+
+
+def apply_moelora(model, r=8, k=4, alpha=16, dropout=0.05, targets=TARGETS, fp32=False):
+    """Replace every target nn.Linear by a MoELoRALinear with k experts, in place; freeze the rest."""
+    return _apply(model, "moelora", moelora_layer, targets, fp32, r=r, k=k, alpha=alpha, dropout=dropout)
+
+
+# -----------------------------------------------------------------------------
+# 3. The table. Adding a method is one row here (and its layer above): train.py's --method and
+# its defaults, eval.py's and train.py --resume's loading, bench.py's configurations and
+# reproduce.py's method names all come from it. "full" (full fine-tuning) is not an adapter
+# and not in it: train.py handles it.
+
+
+class Method(NamedTuple):
+    layer: type           # the adapter layer class
+    apply: Callable       # apply_*(model, r=..., ...) -> report: patch every target layer, freeze the rest
+    make: Callable        # (nn.Linear, settings, rank, saved tensors) -> one layer, for load_adapter
+    defaults: dict        # the paper's settings (Tables 1-2); alpha = 2r always, dropout 0.05
+    nbytes: Callable      # (d_out, d_in, layer) -> bytes its adapter must take (spec section 3, float32)
+
+
+# alpha = 2r and dropout 0.05 are the paper's for ID-LoRA (its Table 5); the paper gives none for
+# the baselines and says they "share identical hyper-parameter settings", so the same are used.
+METHODS = {
+    "idlora": Method(idlora.IDLoRALinear, idlora.apply_idlora, idlora.idlora_layer,
+                     dict(r=128, k=4, boost=2, selection="cluster"),          # + int64 row indices
+                     lambda d_out, d_in, w: 4 * ((d_out // w.boost) * (w.r // w.boost) + w.k * d_in) + 8 * w.k * w.r),
+    "lora": Method(idlora.LoRALinear, idlora.apply_lora, idlora.lora_layer, dict(r=32),
+                   lambda d_out, d_in, w: 4 * w.r * (d_in + d_out)),
+    "dora": Method(DoRALinear, apply_dora, dora_layer, dict(r=32),
+                   lambda d_out, d_in, w: 4 * (w.r * (d_in + d_out) + d_out)),
+    "hydralora": Method(HydraLoRALinear, apply_hydralora, hydralora_layer, dict(r=16, k=3),
+                        lambda d_out, d_in, w: 4 * (w.r * d_in + w.k * w.r * d_out + w.k * d_in)),
+    "moelora": Method(MoELoRALinear, apply_moelora, moelora_layer, dict(r=8, k=4),
+                      lambda d_out, d_in, w: 4 * (w.k * w.r * (d_in + d_out) + w.k * d_in)),
+}
+
+
+def takes(method):
+    """The keyword arguments METHODS[method].apply takes (r, alpha, dropout, targets, ...)."""
+    return set(inspect.signature(METHODS[method].apply).parameters) - {"model"}
+
+
+def apply(model, method, **settings):
+    """Patch `model` with METHODS[method]: the paper's settings (the table's; alpha = 2r), then
+    every keyword that is not None. Keywords the method does not take are left out, so callers
+    can pass PMRC's settings (selection, cache_dir, n_jobs, ...) whatever the method."""
+    kw = METHODS[method].defaults | {k: v for k, v in settings.items() if v is not None and k in takes(method)}
+    kw.setdefault("alpha", 2 * kw["r"])
+    return METHODS[method].apply(model, **kw)
+
+
+def mergeable(method):
+    return hasattr(METHODS[method].layer, "merge")
+
+
+def load_adapter(model, path, fp32=False):
+    """idlora.load_adapter for an adapter file of any method in the table."""
+    return idlora.load_adapter(model, path, {name: m.make for name, m in METHODS.items()}, fp32)
+
+
+# -----------------------------------------------------------------------------
+# 4. The paper's Table 6, counted on LLaMA-3-8B's module tree (meta device: no weights)
+
+TABLE6_ORDER = ("lora", "dora", "hydralora", "moelora", "idlora")      # the paper's column order
+
+
+def parameter_table(config, ranks=(8, 16, 32, 64, 128)):
+    """{rank: {method: trainable parameters}} on all seven projections, each method at the table's
+    settings but the rank (HydraLoRA 3 heads, MoELoRA 4 experts, ID-LoRA k=4 and boost 2), counted
+    on the real module tree rather than by formula. ID-LoRA takes serial rows: a meta weight has
+    no values to cluster, and the row choice does not change the count."""
+    return {r: {m: apply(idlora.meta_model(config), m, r=r, selection="serial")["trainable"] for m in TABLE6_ORDER}
+            for r in ranks}
+
+
+if __name__ == "__main__":
+    config = idlora.llama3_8b_config()
+    base = sum(p.numel() for p in idlora.meta_model(config).parameters())
+    shown = {m: ", ".join(f"{k}={v}" for k, v in METHODS[m].defaults.items() if k not in ("r", "selection"))
+             for m in TABLE6_ORDER}
+    heads = {m: f" ({shown[m]})" if shown[m] else "" for m in TABLE6_ORDER}
+    print(f"LLaMA-3-8B ({base:,} parameters), q,k,v,o,gate,up,down in all 32 layers: trainable parameters")
+    print("| rank | " + " | ".join(m + heads[m] for m in TABLE6_ORDER) + " |")
+    print("|---|" + "---|" * len(TABLE6_ORDER))
+    for r, row in parameter_table(config).items():
+        print(f"| {r} | " + " | ".join(f"{row[m]:,} ({row[m] / base:.2%})" for m in TABLE6_ORDER) + " |")

@@ -1,0 +1,308 @@
+"""Tests of baselines.py: all 25 numbers of the paper's Table 6, our LoRA and DoRA against peft's
+(outputs and gradients), merged DoRA, HydraLoRA and MoELoRA against their formulas, and for every
+method of the table: the base model at init, gradients only in adapter tensors, the file's
+contents, save -> load, the precision convention, and clear errors.
+
+    pytest tests/test_baselines.py        (CPU only; peft is needed for the two peft tests)
+"""
+
+import argparse
+import copy
+import inspect
+import runpy
+
+import pytest
+import torch
+import torch.nn as nn
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import baselines
+import idlora
+from baselines import METHODS, DoRALinear, HydraLoRALinear, MoELoRALinear
+
+# Spec section 3: LLaMA-3-8B, all seven projections; HydraLoRA 3 heads, MoELoRA 4 experts, ID-LoRA k=4, m=2.
+TABLE6 = {
+    8: dict(lora=20_971_520, dora=22_347_776, hydralora=46_727_168, moelora=88_866_816, idlora=7_733_248),
+    16: dict(lora=41_943_040, dora=43_319_296, hydralora=89_718_784, moelora=172_752_896, idlora=10_485_760),
+    32: dict(lora=83_886_080, dora=85_262_336, hydralora=175_702_016, moelora=340_525_056, idlora=15_990_784),
+    64: dict(lora=167_772_160, dora=169_148_416, hydralora=347_668_480, moelora=676_069_376, idlora=27_000_832),
+    128: dict(lora=335_544_320, dora=336_920_576, hydralora=691_601_408, moelora=1_347_158_016, idlora=49_020_928),
+}
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+# Small settings for the tiny model (ID-LoRA's k*r must fit the 32-row k/v projections).
+SMALL = dict(idlora=dict(r=8, k=4), lora=dict(r=4), dora=dict(r=4), hydralora=dict(r=4, k=3), moelora=dict(r=4, k=4))
+
+
+def tiny(dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(LlamaConfig(**(TINY | kw))).to(dtype).eval()
+
+
+def batch(seed=0, n=2, t=12):
+    return torch.randint(0, TINY["vocab_size"], (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def patched(method, dtype=torch.float32, dropout=0.0, **kw):
+    model = tiny(dtype, **kw)
+    baselines.apply(model, method, dropout=dropout, selection="random", **SMALL[method])
+    return model
+
+
+def layers(model):
+    return {name: model.get_submodule(name) for name in model.adapter_config["ranks"]}
+
+
+@torch.no_grad()
+def perturb(model, seed=1):
+    """Non-zero adapter tensors (B starts at 0, which hides most mistakes): every float tensor moved."""
+    g = torch.Generator().manual_seed(seed)
+    for layer in layers(model).values():
+        for name, t in idlora.adapter_tensors(layer).items():
+            if t.is_floating_point():
+                t.add_(0.2 * torch.randn(t.shape, generator=g).to(t.dtype) * (t.abs().mean() if name == "m" else 1))
+
+
+# -----------------------------------------------------------------------------
+# Table 6 and the table itself
+
+
+def test_table6_all_25_numbers_on_llama3_8b_meta(capsys):
+    """`python baselines.py` prints the five columns, counted by parameter_table on the meta model."""
+    runpy.run_module("baselines", run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "| rank | lora | dora | hydralora (k=3) | moelora (k=4) | idlora (k=4, boost=2) |"
+    for r, row in TABLE6.items():
+        line = next(l for l in lines if l.startswith(f"| {r} | "))
+        assert [cell.split(" (")[0] for cell in line.strip("| ").split(" | ")[1:]] == [f"{row[m]:,}" for m in row]
+
+
+def test_table_defaults_are_the_paper_settings_and_the_apply_functions_defaults():
+    assert {m: e.defaults for m, e in METHODS.items()} == dict(
+        idlora=dict(r=128, k=4, boost=2, selection="cluster"), lora=dict(r=32), dora=dict(r=32),
+        hydralora=dict(r=16, k=3), moelora=dict(r=8, k=4))
+    for method, entry in METHODS.items():
+        params = inspect.signature(entry.apply).parameters
+        assert {k: params[k].default for k in entry.defaults} == entry.defaults, method
+        assert params["alpha"].default == 2 * entry.defaults["r"] and params["dropout"].default == 0.05
+    assert [m for m in METHODS if baselines.mergeable(m)] == ["lora", "dora"]
+
+
+# -----------------------------------------------------------------------------
+# Every method: init, gradients, the file, save -> load
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_init_is_the_base_model_exactly(method, dtype):
+    ids = batch()
+    with torch.no_grad():
+        before = tiny(dtype)(ids).logits
+        model = patched(method, dtype)
+        assert torch.equal(model(ids).logits, before)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_only_adapter_tensors_train_and_the_count_is_the_formula(method):
+    model = patched(method, dropout=0.1)
+    perturb(model)
+    model.train()
+    ids = batch()
+    model(input_ids=ids, labels=ids).loss.backward()
+    got = {n for n, p in model.named_parameters() if p.grad is not None}
+    want = {f"{name}.{t}" for name, layer in layers(model).items() for t, v in idlora.adapter_tensors(layer).items()
+            if v.is_floating_point()}
+    assert got == want and all(model.get_parameter(n).grad.abs().sum() > 0 for n in got)
+    per_layer = sum(METHODS[method].nbytes(*layer.base.weight.shape, layer) for layer in layers(model).values())
+    stored = sum(v.numel() * v.element_size() for layer in layers(model).values()
+                 for v in idlora.adapter_tensors(layer).values())
+    assert per_layer == stored                                       # the spec's formula, in bytes
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_save_load_gives_the_same_logits(tmp_path, monkeypatch, method):
+    ids = batch()
+    model = patched(method)
+    perturb(model)
+    with torch.no_grad():
+        want = model(ids).logits
+    path = str(tmp_path / "adapter.safetensors")
+    idlora.save_adapter(model, path)
+    from safetensors.torch import load_file
+    saved = load_file(path)
+    assert saved.keys() == {f"{n}.{t}" for n, layer in layers(model).items() for t in idlora.adapter_tensors(layer)}
+    assert {v.dtype for v in saved.values()} <= {torch.float32, torch.int64}
+    monkeypatch.setattr(idlora, "cluster_rows", None)                # loading never clusters
+    fresh = tiny()
+    rep = baselines.load_adapter(fresh, path)
+    assert rep["method"] == method and rep["trainable"] == idlora.count_trainable(model)
+    assert type(layers(fresh)["model.layers.0.mlp.down_proj"]) is METHODS[method].layer
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, want)
+
+
+def test_loading_errors_are_clear(tmp_path):
+    model = patched("hydralora")
+    path = str(tmp_path / "a.safetensors")
+    idlora.save_adapter(model, path)
+    with pytest.raises(ValueError, match=r"q_proj: adapter shapes .* do not fit this model's layer of shape \(128, 128\)"):
+        baselines.load_adapter(tiny(hidden_size=128, intermediate_size=256), path)
+    with pytest.raises(ValueError, match=r"holds a 'hydralora' adapter; this loader knows \['idlora', 'lora'\]"):
+        idlora.load_adapter(tiny(), path)                            # idlora.py alone knows its own two
+
+
+# -----------------------------------------------------------------------------
+# LoRA and DoRA against peft (the reference implementation people trust)
+
+
+def with_peft(method, dropout):
+    """(ours, peft's) on the same tiny LLaMA with the same A, B (and m), none of them zero."""
+    peft = pytest.importorskip("peft")
+    base = tiny()
+    ours = copy.deepcopy(base)
+    baselines.apply(ours, method, r=4, dropout=dropout)
+    perturb(ours)
+    ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=dropout, target_modules=list(idlora.TARGETS), use_dora=method == "dora"))
+    theirs = dict(ref.base_model.model.named_modules())
+    pairs = []                                                       # (our tensor, peft's)
+    for name, layer in layers(ours).items():
+        p = theirs[name]
+        pairs += [(layer.A, p.lora_A["default"].weight), (layer.B, p.lora_B["default"].weight)]
+        if method == "dora":
+            pairs.append((layer.m, p.lora_magnitude_vector["default"].weight))
+    with torch.no_grad():
+        for a, b in pairs:
+            b.copy_(a)
+    return ours, ref, pairs
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lora_and_dora_equal_peft_outputs_and_gradients(method, dropout):
+    """Same logits and the same gradient of every A, B (and m) as peft 0.21's LoRA/DoRA, within 1e-5.
+    With dropout (training mode) both draw the same mask from the same seed: DoRA's dropout path
+    (the frozen W0 x' recomputed on the dropped input) is peft's too."""
+    ours, ref, pairs = with_peft(method, dropout)
+    ids = batch()
+    ours.train(dropout > 0)
+    ref.train(dropout > 0)
+    torch.manual_seed(5)
+    a = ours(input_ids=ids, labels=ids)
+    torch.manual_seed(5)
+    b = ref(input_ids=ids, labels=ids)
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
+    a.loss.backward()
+    b.loss.backward()
+    assert all(x.grad.abs().sum() > 0 for x, _ in pairs)
+    for x, y in pairs:
+        torch.testing.assert_close(x.grad, y.grad, atol=1e-5, rtol=0)
+
+
+def test_merged_dora_gives_the_logits_of_the_unmerged():
+    model = patched("dora")
+    perturb(model)
+    ids = batch()
+    with torch.no_grad():
+        unmerged = model(ids).logits
+        for layer in layers(model).values():
+            layer.merge()
+        merged = model(ids).logits
+        assert all(l.merged for l in layers(model).values())
+        torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
+        assert not torch.allclose(merged, tiny()(ids).logits, atol=1e-3)   # the update is in W0 now
+
+
+# -----------------------------------------------------------------------------
+# HydraLoRA and MoELoRA against their formulas, and the precision convention
+
+
+def naive(layer, x):
+    """The formulas, literally, in float64: w = softmax(W_g x); HydraLoRA sum_i w_i B_i A x,
+    MoELoRA sum_i w_i B_i A_i x; DoRA m (W0 + s B A) x / ||W0 + s B A|| + b."""
+    d = lambda t: t.detach().double()
+    W0, b, x = d(layer.base.weight), layer.base.bias, x.double()
+    y = x @ W0.T + (d(b) if b is not None else 0)
+    if isinstance(layer, DoRALinear):
+        W = W0 + layer.scaling * d(layer.B) @ d(layer.A)
+        return x @ (d(layer.m)[:, None] * W / W.norm(dim=1, keepdim=True)).T + (d(b) if b is not None else 0)
+    w = torch.softmax(x @ d(layer.router).T, dim=-1)
+    A = [d(layer.A)] * layer.k if isinstance(layer, HydraLoRALinear) else list(d(layer.A))
+    return y + layer.scaling * sum(w[:, i:i + 1] * (x @ A[i].T @ d(layer.B[i]).T) for i in range(layer.k))
+
+
+@pytest.mark.parametrize("cls,kw", [(DoRALinear, {}), (HydraLoRALinear, dict(k=3)), (MoELoRALinear, dict(k=4))])
+@pytest.mark.parametrize("bias", [False, True])
+def test_layers_equal_their_formulas_and_fp32_is_the_same_on_float32(cls, kw, bias):
+    torch.manual_seed(0)
+    layer = cls(nn.Linear(48, 96, bias=bias), r=8, alpha=16, **kw).eval()
+    with torch.no_grad():
+        for t in (layer.B, *([layer.m] if cls is DoRALinear else [])):
+            t.add_(0.3 * torch.randn_like(t) * (t.abs().mean() if t is not layer.B else 1))
+    x = torch.randn(5, 48)
+    got = layer(x)
+    assert torch.allclose(got.double(), naive(layer, x), atol=1e-5)
+    layer.fp32 = True
+    assert torch.equal(layer(x), got)                    # float32 model: one computation either way
+
+
+@pytest.mark.parametrize("cls,kw", [(DoRALinear, {}), (HydraLoRALinear, dict(k=3)), (MoELoRALinear, dict(k=4))])
+def test_bf16_base_computes_in_bf16_with_float32_master_weights(cls, kw):
+    torch.manual_seed(0)
+    layer = cls(nn.Linear(48, 96).to(torch.bfloat16), r=8, alpha=16, **kw).eval()
+    assert {p.dtype for n, p in layer.named_parameters(recurse=False)} == {torch.float32}
+    nn.init.normal_(layer.B, std=0.3)
+    x = torch.randn(5, 48).to(torch.bfloat16)
+    want = naive(layer, x.float())
+    low = layer(x)
+    layer.fp32 = True
+    high = layer(x)
+    assert low.dtype == high.dtype == torch.bfloat16 and not torch.equal(low, high)
+    for y in (low, high):
+        assert (y.double() - want).abs().max() / want.abs().max() < 3e-2
+
+
+@pytest.mark.parametrize("method", ["dora", "hydralora", "moelora"])
+def test_gradient_checkpointing_reaches_the_adapters(method):
+    model = tiny()
+    model.activation_checkpointing_enable({"use_reentrant": True})
+    baselines.apply(model, method, **SMALL[method])
+    model.train()
+    ids = batch()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert len(layers(model)) == 14 and all(l.B.grad is not None and l.B.grad.abs().sum() > 0 for l in layers(model).values())
+
+
+# -----------------------------------------------------------------------------
+# bench.py reads the table too
+
+
+def test_bench_configurations_come_from_the_table():
+    from experiments import bench
+    configs = bench.parse_configs("base,lora:16,dora,hydralora:8,moelora:8:2,idlora:match:4:1")
+    assert [c.name for c in configs] == ["base", "lora:16", "dora:32", "hydralora:8:3", "moelora:8:2", "idlora:match:4:1"]
+    assert dict(configs[3].settings) == dict(r=8, k=3)
+    for bad in ("vera:8", "lora:16:2", "dora:x"):
+        with pytest.raises(SystemExit, match="bad configuration"):
+            bench.parse_configs(bad)
+    model = tiny()
+    ids = batch()
+    with torch.no_grad():
+        base = model(ids).logits
+    bench.attach(model, configs[2], argparse.Namespace(dropout=0.0, targets=",".join(idlora.TARGETS), selection="random",
+                                                       seed=0, cluster_cache="", n_init=1, max_iter=20, build_jobs=1,
+                                                       adapter_fp32=False))
+    perturb(model)
+    wrappers = layers(model)
+    weights = {n: w.base.weight.clone() for n, w in wrappers.items()}
+    with torch.no_grad():
+        unmerged = model(ids).logits
+        saved = bench.merge(wrappers, model)                 # DoRA folded into W0, plain nn.Linear back
+        assert all(type(model.get_submodule(n)) is nn.Linear for n in wrappers)
+        torch.testing.assert_close(model(ids).logits, unmerged, atol=1e-5, rtol=0)
+        bench.unmerge(wrappers, saved)
+        for n, w in wrappers.items():
+            bench.set_module(model, n, w)
+        assert all(torch.equal(w.base.weight, weights[n]) for n, w in wrappers.items())   # W0 back, bit for bit
+        assert torch.equal(model(ids).logits, unmerged) and not torch.equal(unmerged, base)
