@@ -300,26 +300,37 @@ PRELOAD = ("typing", "math", "random", "copy", "string", "collections", "re", "h
            "contextlib", "collections.abc", "difflib")
 
 # The child: set limits, drop root, disable what a sample must not do, run the program, and only
-# then write the nonce to the one pipe the parent reads. A program that exits early (sys.exit(0),
-# os._exit) never writes it, so it cannot pass by exiting with status 0.
+# then copy the parent's random nonce from one pipe to the other; the parent counts a pass only on
+# that nonce. The nonce stays in the kernel's pipe buffer while the program runs: it is read after
+# the program returned, with raw descriptors (os.read, os.write, no file objects), and the marker is
+# written at once. So no Python object the program can reach by ordinary means holds the nonce or
+# the marker: not the child's module globals (sys.modules["__main__"]), not a frame it can walk
+# (sys._getframe().f_back), not what gc.get_objects() finds, not sys.stdin / sys.stdout (fds 0 and 1
+# are /dev/null and the log). An early exit (sys.exit(0), os._exit(0), an uncaught exception, a
+# crash, a signal, a timeout) ends the child before the copy, so it cannot pass.
+#
+# What this does NOT stop: code that is deliberately hostile inside the interpreter. It can do what
+# the harness does: read the nonce pipe's descriptor (a small int, found by trying them or in
+# /proc/self/fd) and write it to the marker pipe, or patch the interpreter so that the tests' checks
+# cannot fail (sys.settrace jumps; an answer whose __eq__ is always True). The marker proves that
+# the program ran to its end; it cannot prove the sample meant it honestly.
 CHILD = r"""
 import os, sys, resource
 tmp, preload = os.path.realpath(sys.argv[1]), sys.argv[2]
 cpu_s, mem, fsize, nproc = map(int, sys.argv[3:7])
-nonce = sys.stdin.readline().strip()
 source = open(os.path.join(tmp, "program.py")).read()
 if os.getpid() == 1:           # init of the new PID namespace ignores signals it has no handler for (even a
     pid = os.fork()            # raise(SIGSEGV)): it only waits, and the program runs in its child
     if pid:
         status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         os._exit(128 - status if status < 0 else status)      # killed by signal s: exit 128 + s, as a shell does
-marker = os.fdopen(os.dup(1), "w")
+nonce_fd, marker_fd = os.dup(0), os.dup(1)     # the pipes from and to the parent, as bare descriptors
+os.dup2(os.open(os.devnull, os.O_RDONLY), 0)   # sys.stdin reads nothing
 os.dup2(2, 1)                                  # the program's prints go to the log, never to the marker pipe
-os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
 import builtins, io, posix, shutil, subprocess    # for the guard below
 for name in preload.split(","):
     __import__(name)
-_exit = os._exit
+_exit, _read, _write = os._exit, os.read, os.write
 for limit, value in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_DATA, mem), (resource.RLIMIT_CPU, cpu_s),
                      (resource.RLIMIT_FSIZE, fsize), (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, nproc)):
     resource.setrlimit(limit, (value, value))
@@ -369,8 +380,7 @@ for name in ("socket", "_socket", "ssl", "ctypes", "_ctypes", "multiprocessing",
     sys.modules[name] = None
 
 exec(compile(source, "program.py", "exec"), {"__name__": "program"})
-marker.write(nonce)
-marker.flush()
+_write(marker_fd, _read(nonce_fd, 64))         # only now does the nonce leave the pipe: straight to the marker
 _exit(0)
 """
 
@@ -420,7 +430,7 @@ def run_program(program, timeout=10.0):
             p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=tmp, env=env,
                                  start_new_session=True)
             try:
-                out, _ = p.communicate((nonce + "\n").encode(), timeout=timeout)
+                out, _ = p.communicate(nonce.encode(), timeout=timeout)
             except subprocess.TimeoutExpired:
                 try:
                     os.killpg(p.pid, 9)

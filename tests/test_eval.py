@@ -1,5 +1,5 @@
 """Tests of eval.py: the pass@k estimator, GSM8K answer extraction, the HumanEval sandbox (wrong,
-looping, crashing and hostile programs all contained), log-likelihood scoring on a tiny random LLaMA
+looping, crashing and hostile programs all contained; samples that try to forge the pass marker fail), log-likelihood scoring on a tiny random LLaMA
 (the right option, batch 1 == batch 8), batched generation, the CLI's errors and outputs (adapters,
 --task all without HEx-PHI), the embedded SmolLM2 answering 5 GSM8K and 5 CommonsenseQA items end
 to end, and the HumanEval and HEx-PHI tasks' scoring.
@@ -113,6 +113,43 @@ SANDBOX_CASES = {
     "stdlib after dropping root": ("import hashlib, math, typing, collections\n"
                                    "assert hashlib.md5(b'a').hexdigest().startswith('0cc1')\n", True, "passed"),
 }
+# Forged passes: a sample that does not pass its tests (it ends in a failing assert) but first looks
+# for the harness's nonce and marker where ordinary code can reach them, writes every 32-hex-digit
+# string it finds to every writable file it finds, and exits 0. Each must fail with the assert.
+FORGE = """import gc, io, os, re, sys
+def forge(objects):
+    found = {o for o in objects if isinstance(o, str) and re.fullmatch('[0-9a-f]{32}\\\\n?', o)}
+    files = {id(o): o for o in objects if isinstance(o, io.TextIOBase) and not o.closed and o.writable()}
+    for s in found:
+        for f in files.values():
+            try:
+                f.write(s)
+                f.flush()
+            except (OSError, ValueError):
+                pass
+    if found and files:
+        os._exit(0)
+def frames():
+    f, seen = sys._getframe(), []
+    while f is not None:
+        seen += list(f.f_locals.values()) + list(f.f_globals.values())
+        f = f.f_back
+    return seen
+def contents(o):
+    return list(o.values()) if isinstance(o, dict) else list(o) if isinstance(o, (list, tuple, set)) else []
+"""
+FAIL = "assert False, 'the tests failed'\n"
+SANDBOX_CASES.update({
+    "forge from __main__": (FORGE + "forge(vars(sys.modules['__main__']).values())\n" + FAIL, False, "the tests failed"),
+    "forge from the frames": (FORGE + "def check():\n    forge(frames())\ncheck()\n" + FAIL, False, "the tests failed"),
+    "forge from gc": (FORGE + "forge([x for o in gc.get_objects() for x in [o] + contents(o)])\n" + FAIL, False,
+                      "the tests failed"),
+    "forge from stdin and stdout": (FORGE + "forge([sys.stdin.read(), os.read(0, 64).decode(), sys.__stdout__, "
+                                    "os.fdopen(1, 'w')])\n" + FAIL, False, "the tests failed"),
+    "forge at exit": (FORGE + "import atexit\natexit.register(lambda: forge(frames() + "
+                      "[x for o in gc.get_objects() for x in [o] + contents(o)]))\nsys.exit(0)\n", False,
+                      "exited before the tests finished"),
+})
 if os.geteuid() == 0:        # as root the child becomes nobody: the OS itself refuses writes to root's folders
     import pwd
     SANDBOX_CASES["runs as nobody"] = (f"import os\nassert os.getuid() == {pwd.getpwnam('nobody').pw_uid}\n", True, "passed")
@@ -144,6 +181,22 @@ def test_sandbox_side_effects_and_time(sandbox_results):
     assert wall < TIMEOUT + 5, wall                     # the loop cost its timeout, nothing more
     assert not [f for f in os.listdir("/tmp") if f.startswith(os.path.basename(MARK))]
     assert not [f for f in os.listdir(".") if f.startswith("idlora-escape-")]
+
+
+def test_sandbox_known_limit_hostile_code_reads_the_pipe():
+    """The documented limit of the guarantee: code that copies the nonce pipe's descriptor to the
+    marker pipe itself, as the harness does at the end, still forges a pass. If this ever fails, the
+    hole is closed: update the guarantee in eval.py's comment and the README."""
+    hostile = ("import os, stat\n"
+               "def is_pipe(fd):\n"
+               "    try:\n"
+               "        return stat.S_ISFIFO(os.fstat(fd).st_mode)\n"
+               "    except OSError:\n"
+               "        return False\n"
+               "nonce_end, marker_end = [fd for fd in range(3, 64) if is_pipe(fd)]\n"
+               "os.write(marker_end, os.read(nonce_end, 64))\n"
+               "os._exit(0)\n")
+    assert ev.run_program(hostile, timeout=TIMEOUT) == (True, "passed")
 
 
 def test_humaneval_canonical_solutions_pass():
