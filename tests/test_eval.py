@@ -1,8 +1,8 @@
 """Tests of eval.py: the pass@k estimator, GSM8K answer extraction, the HumanEval sandbox (wrong,
-looping, crashing and hostile programs all contained; samples that try to forge the pass marker fail), log-likelihood scoring on a tiny random LLaMA
-(the right option, batch 1 == batch 8), batched generation, the CLI's errors and outputs (adapters,
---task all without HEx-PHI), the embedded SmolLM2 answering 5 GSM8K and 5 CommonsenseQA items end
-to end, and the HumanEval and HEx-PHI tasks' scoring.
+looping, crashing and hostile programs all contained; samples that try to forge the pass marker
+fail), log-likelihood scoring on a tiny random LLaMA (the right option, batch 1 == batch 8), batched
+generation, the CLI's errors and outputs (adapters, --task all without HEx-PHI), the embedded SmolLM2
+answering 5 GSM8K and 5 CommonsenseQA items end to end, and the HumanEval and HEx-PHI tasks' scoring.
 
     pytest test_eval.py
 """
