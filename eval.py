@@ -17,7 +17,8 @@ Every prompt is train.py's Alpaca prompt, so a fine-tuned adapter sees the forma
 Each task writes <output dir>/<task>.json (the scores, the model, the adapter and the settings) and
 <task>.jsonl (one line per example: prompt, model output, extracted answer, reference, correct), so
 every score can be checked against what the model wrote. --limit N writes <task>-limitN.* instead,
-so a quick look never overwrites a full evaluation.
+so a quick look never overwrites a full evaluation. When most outputs of a generating task (gsm8k,
+humaneval, hexphi) are empty, eval.py prints a one-line warning, also recorded in <task>.json.
 """
 
 import argparse
@@ -576,6 +577,18 @@ def eval_hexphi(model, tok, args):
 
 
 EVALS = {"gsm8k": eval_gsm8k, "humaneval": eval_humaneval, "mmlu": eval_mmlu, "csqa": eval_csqa, "hexphi": eval_hexphi}
+GENERATING = ("gsm8k", "humaneval", "hexphi")       # the tasks whose outputs the model writes
+
+
+def empty_warning(task, rows, jsonl_path):
+    """(empty outputs, a warning or None). When most outputs of a generating task are empty (after
+    the stop sequences; whitespace counts as empty), the score measures the prompt format or the
+    stops, not the model: pass@1 0.0 with every completion empty looks like a weak model otherwise."""
+    empty = sum(not r["output"].strip() for r in rows)
+    if 2 * empty <= len(rows):
+        return empty, None
+    return empty, (f"{task}: {empty} of {len(rows)} outputs are empty (cut at a stop sequence or eos before "
+                   f"any text): the score says little about the model; see {jsonl_path}")
 
 
 # -----------------------------------------------------------------------------
@@ -604,6 +617,10 @@ def run_task(task, model, tok, args):
                   settings=dict(settings, dtype=str(model.dtype), device=str(model.device), data_dir=args.data_dir),
                   seconds=round(time.time() - t0, 1))
     json_path, jsonl_path = output_paths(args, task)
+    if task in GENERATING:
+        scores["empty_outputs"], scores["warning"] = empty_warning(task, rows, jsonl_path)
+        if scores["warning"]:
+            print("warning: " + scores["warning"])
     write_json(json_path, scores)
     with open(jsonl_path, "w") as f:
         for row in rows:

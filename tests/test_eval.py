@@ -4,7 +4,7 @@ fail), log-likelihood scoring on a tiny random LLaMA (the right option, batch 1 
 generation, the CLI's errors and outputs (adapters, --task all without HEx-PHI), the embedded SmolLM2
 answering 5 GSM8K and 5 CommonsenseQA items end to end, and the HumanEval and HEx-PHI tasks' scoring.
 
-    pytest test_eval.py
+    pytest tests/test_eval.py
 """
 
 import json
@@ -380,7 +380,7 @@ def test_missing_data_never_replaces_a_score(tmp_path, tiny_dir, data_dir):
 def test_all_goes_on_without_hexphi(monkeypatch, tmp_path, tiny_dir, data_dir):
     """--task all: the tasks with data are scored, HEx-PHI is recorded as unavailable with the reason."""
     for task in ("gsm8k", "humaneval", "mmlu"):         # stand-ins: their real runs are tested elsewhere
-        monkeypatch.setitem(ev.EVALS, task, lambda m, t, a: ({"accuracy": 0.5}, [{"correct": True}], {}))
+        monkeypatch.setitem(ev.EVALS, task, lambda m, t, a: ({"accuracy": 0.5}, [{"output": "8", "correct": True}], {}))
     out = str(tmp_path / "out")
     scored = ev.main(["--task", "all", "--model", tiny_dir, "--data-dir", data_dir, "--output-dir", out])
     assert [s["task"] for s in scored] == ["gsm8k", "humaneval", "mmlu", "csqa"]
@@ -388,6 +388,7 @@ def test_all_goes_on_without_hexphi(monkeypatch, tmp_path, tiny_dir, data_dir):
     assert hexphi["available"] is False and "HEx-PHI is gated" in hexphi["reason"]
     csqa = json.load(open(os.path.join(out, "csqa.json")))
     assert csqa["n"] == 3 and csqa["model"] == tiny_dir and csqa["adapter"] is None
+    assert "empty_outputs" not in csqa and "warning" not in csqa          # a scored letter is never empty
 
 
 def test_adapter_run(tmp_path, tiny_dir, data_dir):
@@ -501,6 +502,30 @@ def test_humaneval_task_scores_what_ran(monkeypatch, tmp_path, tiny):
     assert scores["n"] == 8
     if os.geteuid() == 0:
         assert "uid nobody" in scores["settings"]["sandbox"]
+
+
+@pytest.mark.parametrize("task", ev.GENERATING)
+@pytest.mark.parametrize("empty", [3, 2])
+def test_mostly_empty_outputs_warn(monkeypatch, capsys, tmp_path, tiny_dir, task, empty):
+    """4 outputs, `empty` of them empty (one only whitespace): 3 of 4 prints one warning line and
+    records it in the task's JSON; 2 of 4 (not most) records the count and no warning."""
+    if task == "humaneval":
+        load_or_skip("humaneval", "test")
+    os.makedirs(tmp_path / "data" / "hexphi")
+    (tmp_path / "data" / "hexphi" / "category_1.csv").write_text("a\nb\nc\nd\n")
+    outputs = (["", " \n", ""] + ["    return 1\n"] * 4)[3 - empty:][:4]
+    monkeypatch.setattr(ev, "generate", lambda model, tok, prompts, *a, **k: outputs[:len(prompts)])
+    limit = ["--limit", "2", "--n-samples", "2"] if task == "humaneval" else ["--limit", "4"]
+    out = tmp_path / "out"
+    ev.main(["--task", task, "--model", tiny_dir, "--data-dir", str(tmp_path / "data"), "--output-dir", str(out)] + limit)
+    stem = "humaneval-limit2" if task == "humaneval" else f"{task}-limit4"
+    scores = json.load(open(out / f"{stem}.json"))
+    warnings = [l for l in capsys.readouterr().out.splitlines() if l.startswith("warning:")]
+    assert scores["n"] == 4 and scores["empty_outputs"] == empty
+    if empty == 3:
+        assert warnings == [f"warning: {scores['warning']}"] and scores["warning"].startswith(f"{task}: 3 of 4 outputs are empty")
+    else:
+        assert warnings == [] and scores["warning"] is None
 
 
 def test_refusal_keywords():
