@@ -50,9 +50,11 @@ LETTERS = "ABCDE"
 # A response of a model that was not fine-tuned (or not to stop) can run on into a new Alpaca
 # section; what follows such a header is not part of the answer.
 ALPACA_STOPS = ("\n### Instruction", "\n### Input", "\n### Response")
-# Codex/HumanEval's convention: a top-level statement after the function ends the completion.
-# "\n```" also ends it, for models that close a markdown code block.
-CODE_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n```")
+# A HumanEval response opens a ```python fence and the model writes the function inside it (see
+# humaneval_prompt): the closing fence ends the completion, and so does what Codex/HumanEval's stops
+# catch after a function, a top-level test, print or comment. "\ndef " and "\nclass " are not stops:
+# the completion begins with the function's own def, and may add helpers.
+CODE_STOPS = ("\n```", "\nif __name__", "\nprint(", "\n#", "\nassert ")
 
 
 # -----------------------------------------------------------------------------
@@ -96,8 +98,8 @@ def show_number(x):
 
 def truncate(text, stops, lead=""):
     """`text` up to the first stop sequence. `lead` is the end of the prompt, where a stop sequence
-    may begin: every HumanEval prompt ends with a newline, so a completion that starts with "```"
-    (or "def ") has met "\n```" (or "\ndef ") at once."""
+    may begin: every HumanEval prompt ends with "```python\n", so a completion that starts with "```"
+    (the model closing the fence at once) has met "\n```" and is empty."""
     text = lead + text
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
     return text[len(lead):max(cut, len(lead))]
@@ -277,14 +279,18 @@ def pass_at_k(n, c, k):
 
 
 def humaneval_prompt(problem):
-    """The instruction shows the whole function; the response starts with the HumanEval prompt
-    itself (signature + docstring), so the model continues the body, and the completion is
-    executed after that same prompt, as HumanEval defines it."""
+    """The instruction shows HumanEval's prompt (imports, signature, docstring) in a ```python fence;
+    the response opens a fence of its own, and the model writes the whole function inside it.
+    Chosen by evidence (results/humaneval-format.md): when the response instead began with the
+    signature and docstring for the model to continue the body, the embedded SmolLM2 closed the
+    fence at once, and all its completions were empty, with or without a CodeAlpaca adapter."""
     instruction = f"Complete the following Python function.\n\n```python\n{problem['prompt']}```"
-    return format_prompt(instruction) + problem["prompt"]
+    return format_prompt(instruction) + "```python\n"
 
 
 def humaneval_program(problem, completion):
+    """HumanEval's prompt, the completion, the tests. The prompt gives the imports; the completion's
+    def replaces the prompt's stub (the later def wins), and a bare indented body would continue it."""
     return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
 
 

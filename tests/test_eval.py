@@ -211,21 +211,44 @@ def test_humaneval_canonical_solutions_pass():
 
 
 def test_stops():
-    assert ev.truncate("    return x\n\ndef other():\n    pass", ev.CODE_STOPS) == "    return x\n"
+    fn = "def f(x):\n    return g(x)\n\ndef g(x):\n    return 2 * x"
+    assert ev.truncate(fn + "\n```\n\nThis doubles x.", ev.CODE_STOPS) == fn      # helpers kept, the fence ends it
     assert ev.truncate("    return x\n# test\nprint(1)", ev.CODE_STOPS) == "    return x"
+    assert ev.truncate("    return x\nassert f(1) == 1", ev.CODE_STOPS) == "    return x"
     assert ev.truncate("18\n\n### Instruction:\nmore", ev.ALPACA_STOPS) == "18\n"
     assert ev.truncate("#### 18", ev.ALPACA_STOPS) == "#### 18"          # "####" is not a section header
-    # the prompt ends with a newline: a completion that opens with "```" or "def " stops right there
+    # the prompt ends with "```python\n": a completion that closes the fence at once is empty, one
+    # that starts with the function's def lands inside the fence and is kept
     assert ev.truncate("```\n\nmore", ev.CODE_STOPS, lead="\n") == ""
-    assert ev.truncate("def helper():", ev.CODE_STOPS, lead="\n") == ""
+    assert ev.truncate(fn, ev.CODE_STOPS, lead="\n") == fn
     assert ev.truncate("    return 1\n```", ev.CODE_STOPS, lead="\n") == "    return 1"
 
 
+def test_humaneval_prompt_format():
+    """The Alpaca prompt, the function shown in a fence, the response opening a fence; a completion
+    cut at the closing fence runs after HumanEval's prompt, whole function or bare body."""
+    problem = dict(prompt='from typing import List\n\n\ndef double(xs: List[int]) -> List[int]:\n    """ Double each. """\n',
+                   test="def check(candidate):\n    assert candidate([1, 2]) == [2, 4]\n", entry_point="double")
+    prompt = ev.humaneval_prompt(problem)
+    assert prompt == train.format_prompt("Complete the following Python function.\n\n```python\n"
+                                         + problem["prompt"] + "```") + "```python\n"
+    assert prompt.startswith(train.PROMPT.split("{instruction}")[0]) and "### Response:\n```python\n" in prompt
+    generated = ["def double(xs: List[int]) -> List[int]:\n    return [2 * x for x in xs]\n```\nIt doubles.",
+                 "    return [2 * x for x in xs]\n```",
+                 "def double(xs: List[int]) -> List[int]:\n    return xs\n```",
+                 "```\n\n### Output:\n[2, 4]"]
+    completions = [ev.truncate(g, ev.CODE_STOPS, lead=prompt[-1]) for g in generated]
+    assert completions[0] == generated[0].split("\n```")[0] and completions[3] == ""
+    results = ev.run_programs([ev.humaneval_program(problem, c) for c in completions], timeout=10, jobs=4)
+    assert [ok for ok, _ in results] == [True, True, False, False], results
+
+
 def test_stop_criterion_reads_only_new_text(tok):
-    """As generate() calls it: the prompt (which itself holds "\ndef ") then new tokens, a finished
+    """As generate() calls it: the prompt (which itself holds "\n```") then new tokens, a finished
     row padded on the right."""
-    p = tok("x = 1\ndef f():\n").input_ids
-    new = [tok("    return 1\ndef g", add_special_tokens=False).input_ids, tok("    return 1", add_special_tokens=False).input_ids]
+    p = tok("x = 1\n```\n\n```python\n").input_ids
+    new = [tok("def f():\n    return 1\n```", add_special_tokens=False).input_ids,
+           tok("def f():\n    return 1", add_special_tokens=False).input_ids]
     width = max(map(len, new))
     ids = torch.tensor([p + n + [tok.pad_token_id] * (width - len(n)) for n in new])
     assert ev.stop_criterion(tok, ev.CODE_STOPS, len(p), ["\n", "\n"])(ids, None).tolist() == [True, False]
