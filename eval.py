@@ -308,19 +308,20 @@ PRELOAD = ("typing", "math", "random", "copy", "string", "collections", "re", "h
 
 # The child: set limits, drop root, disable what a sample must not do, run the program, and only
 # then copy the parent's random nonce from one pipe to the other; the parent counts a pass only on
-# that nonce. The nonce stays in the kernel's pipe buffer while the program runs: it is read after
-# the program returned, with raw descriptors (os.read, os.write, no file objects), and the marker is
-# written at once. So no Python object the program can reach by ordinary means holds the nonce or
-# the marker: not the child's module globals (sys.modules["__main__"]), not a frame it can walk
-# (sys._getframe().f_back), not what gc.get_objects() finds, not sys.stdin / sys.stdout (fds 0 and 1
-# are /dev/null and the log). An early exit (sys.exit(0), os._exit(0), an uncaught exception, a
-# crash, a signal, a timeout) ends the child before the copy, so it cannot pass.
+# that nonce. The nonce stays in the kernel's pipe buffer while the program (the sample's code, then
+# its tests) runs: the harness reads it only after the program returned without an exception, with
+# raw descriptors (os.read, os.write; no file objects), and writes the marker at once. So no Python
+# object the program can reach by ordinary means holds the nonce or the marker: not the child's
+# module globals (sys.modules["__main__"]), not a frame it can walk (sys._getframe().f_back), not
+# what gc.get_objects() finds, not sys.stdin / sys.stdout (fds 0 and 1 are /dev/null and the log).
+# An early exit (sys.exit(0), os._exit(0), an atexit hook), an uncaught exception, a crash, a signal,
+# a kill or a timeout ends the child before the copy, so it cannot pass. (tests/test_eval.py tries each.)
 #
 # What this does NOT stop: code that is deliberately hostile inside the interpreter. It can do what
 # the harness does: read the nonce pipe's descriptor (a small int, found by trying them or in
-# /proc/self/fd) and write it to the marker pipe, or patch the interpreter so that the tests' checks
-# cannot fail (sys.settrace jumps; an answer whose __eq__ is always True). The marker proves that
-# the program ran to its end; it cannot prove the sample meant it honestly.
+# /proc/self/fd) and write it to the marker pipe (a test pins this limit), or patch the interpreter
+# so that the tests' checks cannot fail (sys.settrace jumps; an answer whose __eq__ is always True).
+# The marker proves that the program ran to its end; it cannot prove the sample meant it honestly.
 CHILD = r"""
 import os, sys, resource
 tmp, preload = os.path.realpath(sys.argv[1]), sys.argv[2]
