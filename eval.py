@@ -282,8 +282,9 @@ def humaneval_prompt(problem):
     """The instruction shows HumanEval's prompt (imports, signature, docstring) in a ```python fence;
     the response opens a fence of its own, and the model writes the whole function inside it.
     Chosen by evidence (results/humaneval-format.md): when the response instead began with the
-    signature and docstring for the model to continue the body, the embedded SmolLM2 closed the
-    fence at once, and all its completions were empty, with or without a CodeAlpaca adapter."""
+    signature and docstring for the model to continue the body, the embedded SmolLM2 took the
+    function as finished (a closing fence, a print, the header again: all stops), and 100 of 100
+    completions were empty, 99 of 100 with a CodeAlpaca adapter; this way 30 and 0."""
     instruction = f"Complete the following Python function.\n\n```python\n{problem['prompt']}```"
     return format_prompt(instruction) + "```python\n"
 
