@@ -19,7 +19,8 @@ Every prompt is train.py's Alpaca prompt, so a fine-tuned adapter sees the forma
 Each task writes <output dir>/<task>.json (the scores, the model, the adapter and the settings) and
 <task>.jsonl (one line per example: prompt, model output, extracted answer, reference, correct), so
 every score can be checked against what the model wrote. --limit N writes <task>-limitN.* instead,
-so a quick look never overwrites a full evaluation.
+so a quick look never overwrites a full evaluation. When most outputs of a generating task (gsm8k,
+humaneval, hexphi) are empty, eval.py prints a one-line warning, also recorded in <task>.json.
 """
 
 import argparse
@@ -52,9 +53,11 @@ LETTERS = "ABCDE"
 # A response of a model that was not fine-tuned (or not to stop) can run on into a new Alpaca
 # section; what follows such a header is not part of the answer.
 ALPACA_STOPS = ("\n### Instruction", "\n### Input", "\n### Response")
-# Codex/HumanEval's convention: a top-level statement after the function ends the completion.
-# "\n```" also ends it, for models that close a markdown code block.
-CODE_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n```")
+# A HumanEval response opens a ```python fence and the model writes the function inside it (see
+# humaneval_prompt): the closing fence ends the completion, and so does what Codex/HumanEval's stops
+# catch after a function, a top-level test, print or comment. "\ndef " and "\nclass " are not stops:
+# the completion begins with the function's own def, and may add helpers.
+CODE_STOPS = ("\n```", "\nif __name__", "\nprint(", "\n#", "\nassert ")
 
 
 # -----------------------------------------------------------------------------
@@ -98,8 +101,8 @@ def show_number(x):
 
 def truncate(text, stops, lead=""):
     """`text` up to the first stop sequence. `lead` is the end of the prompt, where a stop sequence
-    may begin: every HumanEval prompt ends with a newline, so a completion that starts with "```"
-    (or "def ") has met "\n```" (or "\ndef ") at once."""
+    may begin: every HumanEval prompt ends with "```python\n", so a completion that starts with "```"
+    (the model closing the fence at once) has met "\n```" and is empty."""
     text = lead + text
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
     return text[len(lead):max(cut, len(lead))]
@@ -279,14 +282,19 @@ def pass_at_k(n, c, k):
 
 
 def humaneval_prompt(problem):
-    """The instruction shows the whole function; the response starts with the HumanEval prompt
-    itself (signature + docstring), so the model continues the body, and the completion is
-    executed after that same prompt, as HumanEval defines it."""
+    """The instruction shows HumanEval's prompt (imports, signature, docstring) in a ```python fence;
+    the response opens a fence of its own, and the model writes the whole function inside it.
+    Chosen by evidence (results/humaneval-format.md): when the response instead began with the
+    signature and docstring for the model to continue the body, the embedded SmolLM2 took the
+    function as finished (a closing fence, a print, the header again: all stops), and 100 of 100
+    completions were empty, 99 of 100 with a CodeAlpaca adapter; this way 30 and 0."""
     instruction = f"Complete the following Python function.\n\n```python\n{problem['prompt']}```"
-    return format_prompt(instruction) + problem["prompt"]
+    return format_prompt(instruction) + "```python\n"
 
 
 def humaneval_program(problem, completion):
+    """HumanEval's prompt, the completion, the tests. The prompt gives the imports; the completion's
+    def replaces the prompt's stub (the later def wins), and a bare indented body would continue it."""
     return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
 
 
@@ -303,26 +311,38 @@ PRELOAD = ("typing", "math", "random", "copy", "string", "collections", "re", "h
            "contextlib", "collections.abc", "difflib")
 
 # The child: set limits, drop root, disable what a sample must not do, run the program, and only
-# then write the nonce to the one pipe the parent reads. A program that exits early (sys.exit(0),
-# os._exit) never writes it, so it cannot pass by exiting with status 0.
+# then copy the parent's random nonce from one pipe to the other; the parent counts a pass only on
+# that nonce. The nonce stays in the kernel's pipe buffer while the program (the sample's code, then
+# its tests) runs: the harness reads it only after the program returned without an exception, with
+# raw descriptors (os.read, os.write; no file objects), and writes the marker at once. So no Python
+# object the program can reach by ordinary means holds the nonce or the marker: not the child's
+# module globals (sys.modules["__main__"]), not a frame it can walk (sys._getframe().f_back), not
+# what gc.get_objects() finds, not sys.stdin / sys.stdout (fds 0 and 1 are /dev/null and the log).
+# An early exit (sys.exit(0), os._exit(0), an atexit hook), an uncaught exception, a crash, a signal,
+# a kill or a timeout ends the child before the copy, so it cannot pass. (tests/test_eval.py tries each.)
+#
+# What this does NOT stop: code that is deliberately hostile inside the interpreter. It can do what
+# the harness does: read the nonce pipe's descriptor (a small int, found by trying them or in
+# /proc/self/fd) and write it to the marker pipe (a test pins this limit), or patch the interpreter
+# so that the tests' checks cannot fail (sys.settrace jumps; an answer whose __eq__ is always True).
+# The marker proves that the program ran to its end; it cannot prove the sample meant it honestly.
 CHILD = r"""
 import os, sys, resource
 tmp, preload = os.path.realpath(sys.argv[1]), sys.argv[2]
 cpu_s, mem, fsize, nproc = map(int, sys.argv[3:7])
-nonce = sys.stdin.readline().strip()
 source = open(os.path.join(tmp, "program.py")).read()
 if os.getpid() == 1:           # init of the new PID namespace ignores signals it has no handler for (even a
     pid = os.fork()            # raise(SIGSEGV)): it only waits, and the program runs in its child
     if pid:
         status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         os._exit(128 - status if status < 0 else status)      # killed by signal s: exit 128 + s, as a shell does
-marker = os.fdopen(os.dup(1), "w")
+nonce_fd, marker_fd = os.dup(0), os.dup(1)     # the pipes from and to the parent, as bare descriptors
+os.dup2(os.open(os.devnull, os.O_RDONLY), 0)   # sys.stdin reads nothing
 os.dup2(2, 1)                                  # the program's prints go to the log, never to the marker pipe
-os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
 import builtins, io, posix, shutil, subprocess    # for the guard below
 for name in preload.split(","):
     __import__(name)
-_exit = os._exit
+_exit, _read, _write = os._exit, os.read, os.write
 for limit, value in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_DATA, mem), (resource.RLIMIT_CPU, cpu_s),
                      (resource.RLIMIT_FSIZE, fsize), (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, nproc)):
     resource.setrlimit(limit, (value, value))
@@ -372,8 +392,7 @@ for name in ("socket", "_socket", "ssl", "ctypes", "_ctypes", "multiprocessing",
     sys.modules[name] = None
 
 exec(compile(source, "program.py", "exec"), {"__name__": "program"})
-marker.write(nonce)
-marker.flush()
+_write(marker_fd, _read(nonce_fd, 64))         # only now does the nonce leave the pipe: straight to the marker
 _exit(0)
 """
 
@@ -423,7 +442,7 @@ def run_program(program, timeout=10.0):
             p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=tmp, env=env,
                                  start_new_session=True)
             try:
-                out, _ = p.communicate((nonce + "\n").encode(), timeout=timeout)
+                out, _ = p.communicate(nonce.encode(), timeout=timeout)
             except subprocess.TimeoutExpired:
                 try:
                     os.killpg(p.pid, 9)
@@ -569,6 +588,18 @@ def eval_hexphi(model, tok, args):
 
 
 EVALS = {"gsm8k": eval_gsm8k, "humaneval": eval_humaneval, "mmlu": eval_mmlu, "csqa": eval_csqa, "hexphi": eval_hexphi}
+GENERATING = ("gsm8k", "humaneval", "hexphi")       # the tasks whose outputs the model writes
+
+
+def empty_warning(task, rows, jsonl_path):
+    """(empty outputs, a warning or None). When most outputs of a generating task are empty (after
+    the stop sequences; whitespace counts as empty), the score measures the prompt format or the
+    stops, not the model: pass@1 0.0 with every completion empty looks like a weak model otherwise."""
+    empty = sum(not r["output"].strip() for r in rows)
+    if 2 * empty <= len(rows):
+        return empty, None
+    return empty, (f"{task}: {empty} of {len(rows)} outputs are empty (cut at a stop sequence or eos before "
+                   f"any text): the score says little about the model; see {jsonl_path}")
 
 
 # -----------------------------------------------------------------------------
@@ -597,6 +628,10 @@ def run_task(task, model, tok, args):
                   settings=dict(settings, dtype=str(model.dtype), device=str(model.device), data_dir=args.data_dir),
                   seconds=round(time.time() - t0, 1))
     json_path, jsonl_path = output_paths(args, task)
+    if task in GENERATING:
+        scores["empty_outputs"], scores["warning"] = empty_warning(task, rows, jsonl_path)
+        if scores["warning"]:
+            print("warning: " + scores["warning"])
     write_json(json_path, scores)
     with open(jsonl_path, "w") as f:
         for row in rows:

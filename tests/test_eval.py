@@ -1,10 +1,10 @@
 """Tests of eval.py: the pass@k estimator, GSM8K answer extraction, the HumanEval sandbox (wrong,
-looping, crashing and hostile programs all contained), log-likelihood scoring on a tiny random LLaMA
-(the right option, batch 1 == batch 8), batched generation, the CLI's errors and outputs (adapters,
---task all without HEx-PHI), the embedded SmolLM2 answering 5 GSM8K and 5 CommonsenseQA items end
-to end, and the HumanEval and HEx-PHI tasks' scoring.
+looping, crashing and hostile programs all contained; samples that try to forge the pass marker
+fail), log-likelihood scoring on a tiny random LLaMA (the right option, batch 1 == batch 8), batched
+generation, the CLI's errors and outputs (adapters, --task all without HEx-PHI), the embedded SmolLM2
+answering 5 GSM8K and 5 CommonsenseQA items end to end, and the HumanEval and HEx-PHI tasks' scoring.
 
-    pytest test_eval.py
+    pytest tests/test_eval.py
 """
 
 import json
@@ -114,6 +114,43 @@ SANDBOX_CASES = {
     "stdlib after dropping root": ("import hashlib, math, typing, collections\n"
                                    "assert hashlib.md5(b'a').hexdigest().startswith('0cc1')\n", True, "passed"),
 }
+# Forged passes: a sample that does not pass its tests (it ends in a failing assert) but first looks
+# for the harness's nonce and marker where ordinary code can reach them, writes every 32-hex-digit
+# string it finds to every writable file it finds, and exits 0. Each must fail with the assert.
+FORGE = """import gc, io, os, re, sys
+def forge(objects):
+    found = {o for o in objects if isinstance(o, str) and re.fullmatch('[0-9a-f]{32}\\\\n?', o)}
+    files = {id(o): o for o in objects if isinstance(o, io.TextIOBase) and not o.closed and o.writable()}
+    for s in found:
+        for f in files.values():
+            try:
+                f.write(s)
+                f.flush()
+            except (OSError, ValueError):
+                pass
+    if found and files:
+        os._exit(0)
+def frames():
+    f, seen = sys._getframe(), []
+    while f is not None:
+        seen += list(f.f_locals.values()) + list(f.f_globals.values())
+        f = f.f_back
+    return seen
+def contents(o):
+    return list(o.values()) if isinstance(o, dict) else list(o) if isinstance(o, (list, tuple, set)) else []
+"""
+FAIL = "assert False, 'the tests failed'\n"
+SANDBOX_CASES.update({
+    "forge from __main__": (FORGE + "forge(vars(sys.modules['__main__']).values())\n" + FAIL, False, "the tests failed"),
+    "forge from the frames": (FORGE + "def check():\n    forge(frames())\ncheck()\n" + FAIL, False, "the tests failed"),
+    "forge from gc": (FORGE + "forge([x for o in gc.get_objects() for x in [o] + contents(o)])\n" + FAIL, False,
+                      "the tests failed"),
+    "forge from stdin and stdout": (FORGE + "forge([sys.stdin.read(), os.read(0, 64).decode(), sys.__stdout__, "
+                                    "os.fdopen(1, 'w')])\n" + FAIL, False, "the tests failed"),
+    "forge at exit": (FORGE + "import atexit\natexit.register(lambda: forge(frames() + "
+                      "[x for o in gc.get_objects() for x in [o] + contents(o)]))\nsys.exit(0)\n", False,
+                      "exited before the tests finished"),
+})
 if os.geteuid() == 0:        # as root the child becomes nobody: the OS itself refuses writes to root's folders
     import pwd
     SANDBOX_CASES["runs as nobody"] = (f"import os\nassert os.getuid() == {pwd.getpwnam('nobody').pw_uid}\n", True, "passed")
@@ -147,6 +184,22 @@ def test_sandbox_side_effects_and_time(sandbox_results):
     assert not [f for f in os.listdir(".") if f.startswith("idlora-escape-")]
 
 
+def test_sandbox_known_limit_hostile_code_reads_the_pipe():
+    """The documented limit of the guarantee: code that copies the nonce pipe's descriptor to the
+    marker pipe itself, as the harness does at the end, still forges a pass. If this ever fails, the
+    hole is closed: update the guarantee in eval.py's comment and the README."""
+    hostile = ("import os, stat\n"
+               "def is_pipe(fd):\n"
+               "    try:\n"
+               "        return stat.S_ISFIFO(os.fstat(fd).st_mode)\n"
+               "    except OSError:\n"
+               "        return False\n"
+               "nonce_end, marker_end = [fd for fd in range(3, 64) if is_pipe(fd)]\n"
+               "os.write(marker_end, os.read(nonce_end, 64))\n"
+               "os._exit(0)\n")
+    assert ev.run_program(hostile, timeout=TIMEOUT) == (True, "passed")
+
+
 def test_humaneval_canonical_solutions_pass():
     try:
         problems = data.load("humaneval", "test")[:4]
@@ -159,21 +212,44 @@ def test_humaneval_canonical_solutions_pass():
 
 
 def test_stops():
-    assert ev.truncate("    return x\n\ndef other():\n    pass", ev.CODE_STOPS) == "    return x\n"
+    fn = "def f(x):\n    return g(x)\n\ndef g(x):\n    return 2 * x"
+    assert ev.truncate(fn + "\n```\n\nThis doubles x.", ev.CODE_STOPS) == fn      # helpers kept, the fence ends it
     assert ev.truncate("    return x\n# test\nprint(1)", ev.CODE_STOPS) == "    return x"
+    assert ev.truncate("    return x\nassert f(1) == 1", ev.CODE_STOPS) == "    return x"
     assert ev.truncate("18\n\n### Instruction:\nmore", ev.ALPACA_STOPS) == "18\n"
     assert ev.truncate("#### 18", ev.ALPACA_STOPS) == "#### 18"          # "####" is not a section header
-    # the prompt ends with a newline: a completion that opens with "```" or "def " stops right there
+    # the prompt ends with "```python\n": a completion that closes the fence at once is empty, one
+    # that starts with the function's def lands inside the fence and is kept
     assert ev.truncate("```\n\nmore", ev.CODE_STOPS, lead="\n") == ""
-    assert ev.truncate("def helper():", ev.CODE_STOPS, lead="\n") == ""
+    assert ev.truncate(fn, ev.CODE_STOPS, lead="\n") == fn
     assert ev.truncate("    return 1\n```", ev.CODE_STOPS, lead="\n") == "    return 1"
 
 
+def test_humaneval_prompt_format():
+    """The Alpaca prompt, the function shown in a fence, the response opening a fence; a completion
+    cut at the closing fence runs after HumanEval's prompt, whole function or bare body."""
+    problem = dict(prompt='from typing import List\n\n\ndef double(xs: List[int]) -> List[int]:\n    """ Double each. """\n',
+                   test="def check(candidate):\n    assert candidate([1, 2]) == [2, 4]\n", entry_point="double")
+    prompt = ev.humaneval_prompt(problem)
+    assert prompt == train.format_prompt("Complete the following Python function.\n\n```python\n"
+                                         + problem["prompt"] + "```") + "```python\n"
+    assert prompt.startswith(train.PROMPT.split("{instruction}")[0]) and "### Response:\n```python\n" in prompt
+    generated = ["def double(xs: List[int]) -> List[int]:\n    return [2 * x for x in xs]\n```\nIt doubles.",
+                 "    return [2 * x for x in xs]\n```",
+                 "def double(xs: List[int]) -> List[int]:\n    return xs\n```",
+                 "```\n\n### Output:\n[2, 4]"]
+    completions = [ev.truncate(g, ev.CODE_STOPS, lead=prompt[-1]) for g in generated]
+    assert completions[0] == generated[0].split("\n```")[0] and completions[3] == ""
+    results = ev.run_programs([ev.humaneval_program(problem, c) for c in completions], timeout=10, jobs=4)
+    assert [ok for ok, _ in results] == [True, True, False, False], results
+
+
 def test_stop_criterion_reads_only_new_text(tok):
-    """As generate() calls it: the prompt (which itself holds "\ndef ") then new tokens, a finished
+    """As generate() calls it: the prompt (which itself holds "\n```") then new tokens, a finished
     row padded on the right."""
-    p = tok("x = 1\ndef f():\n").input_ids
-    new = [tok("    return 1\ndef g", add_special_tokens=False).input_ids, tok("    return 1", add_special_tokens=False).input_ids]
+    p = tok("x = 1\n```\n\n```python\n").input_ids
+    new = [tok("def f():\n    return 1\n```", add_special_tokens=False).input_ids,
+           tok("def f():\n    return 1", add_special_tokens=False).input_ids]
     width = max(map(len, new))
     ids = torch.tensor([p + n + [tok.pad_token_id] * (width - len(n)) for n in new])
     assert ev.stop_criterion(tok, ev.CODE_STOPS, len(p), ["\n", "\n"])(ids, None).tolist() == [True, False]
@@ -328,7 +404,7 @@ def test_missing_data_never_replaces_a_score(tmp_path, tiny_dir, data_dir):
 def test_all_goes_on_without_hexphi(monkeypatch, tmp_path, tiny_dir, data_dir):
     """--task all: the tasks with data are scored, HEx-PHI is recorded as unavailable with the reason."""
     for task in ("gsm8k", "humaneval", "mmlu"):         # stand-ins: their real runs are tested elsewhere
-        monkeypatch.setitem(ev.EVALS, task, lambda m, t, a: ({"accuracy": 0.5}, [{"correct": True}], {}))
+        monkeypatch.setitem(ev.EVALS, task, lambda m, t, a: ({"accuracy": 0.5}, [{"output": "8", "correct": True}], {}))
     out = str(tmp_path / "out")
     scored = ev.main(["--task", "all", "--model", tiny_dir, "--data-dir", data_dir, "--output-dir", out])
     assert [s["task"] for s in scored] == ["gsm8k", "humaneval", "mmlu", "csqa"]
@@ -336,6 +412,7 @@ def test_all_goes_on_without_hexphi(monkeypatch, tmp_path, tiny_dir, data_dir):
     assert hexphi["available"] is False and "HEx-PHI is gated" in hexphi["reason"]
     csqa = json.load(open(os.path.join(out, "csqa.json")))
     assert csqa["n"] == 3 and csqa["model"] == tiny_dir and csqa["adapter"] is None
+    assert "empty_outputs" not in csqa and "warning" not in csqa          # a scored letter is never empty
 
 
 @pytest.mark.parametrize("method", ["lora", "moelora"])
@@ -473,6 +550,30 @@ def test_humaneval_task_scores_what_ran(monkeypatch, tmp_path, tiny):
     assert scores["n"] == 8
     if os.geteuid() == 0:
         assert "uid nobody" in scores["settings"]["sandbox"]
+
+
+@pytest.mark.parametrize("task", ev.GENERATING)
+@pytest.mark.parametrize("empty", [3, 2])
+def test_mostly_empty_outputs_warn(monkeypatch, capsys, tmp_path, tiny_dir, task, empty):
+    """4 outputs, `empty` of them empty (one only whitespace): 3 of 4 prints one warning line and
+    records it in the task's JSON; 2 of 4 (not most) records the count and no warning."""
+    if task == "humaneval":
+        load_or_skip("humaneval", "test")
+    os.makedirs(tmp_path / "data" / "hexphi")
+    (tmp_path / "data" / "hexphi" / "category_1.csv").write_text("a\nb\nc\nd\n")
+    outputs = (["", " \n", ""] + ["    return 1\n"] * 4)[3 - empty:][:4]
+    monkeypatch.setattr(ev, "generate", lambda model, tok, prompts, *a, **k: outputs[:len(prompts)])
+    limit = ["--limit", "2", "--n-samples", "2"] if task == "humaneval" else ["--limit", "4"]
+    out = tmp_path / "out"
+    ev.main(["--task", task, "--model", tiny_dir, "--data-dir", str(tmp_path / "data"), "--output-dir", str(out)] + limit)
+    stem = "humaneval-limit2" if task == "humaneval" else f"{task}-limit4"
+    scores = json.load(open(out / f"{stem}.json"))
+    warnings = [l for l in capsys.readouterr().out.splitlines() if l.startswith("warning:")]
+    assert scores["n"] == 4 and scores["empty_outputs"] == empty
+    if empty == 3:
+        assert warnings == [f"warning: {scores['warning']}"] and scores["warning"].startswith(f"{task}: 3 of 4 outputs are empty")
+    else:
+        assert warnings == [] and scores["warning"] is None
 
 
 def test_refusal_keywords():
