@@ -663,7 +663,8 @@ def parse_args(argv=None):
     p.add_argument("--adapter", help="a training run folder (holding adapter.safetensors) or the .safetensors file")
     p.add_argument("--model", help="Hugging Face id or local folder; default: the adapter's base model, "
                                    f"else '{EMBEDDED}' (the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"], help="auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
+                   help="auto = bf16 on CUDA and on CPUs with native bf16 matmuls, else fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda if available, else cpu")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call / forward pass")
     p.add_argument("--max-new-tokens", type=int, default=512, help="generation length (gsm8k, humaneval, hexphi)")
