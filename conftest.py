@@ -1,6 +1,9 @@
 """Shared pytest fixtures: the embedded model (skipped with the reason when its package is
 absent), one PMRC row cache per test session (the embedded model is clustered once), and a
-tiny random LLaMA saved as a local model folder."""
+tiny random LLaMA saved as a local model folder; and a data dir of 16 GSM8K-style records."""
+
+import json
+import os
 
 import pytest
 import torch
@@ -49,3 +52,14 @@ def save_tiny_llama(out, tok, tie=True, lm_head_scale=1.0):
 def tiny_model_dir(tmp_path_factory, tok):
     """A tiny random LLaMA with the embedded tokenizer, saved like any local model folder."""
     return save_tiny_llama(str(tmp_path_factory.mktemp("tiny-llama")), tok)
+
+
+@pytest.fixture(scope="session")
+def gsm8k_dir(tmp_path_factory):
+    """A data dir with 16 short GSM8K-style records (the same few, so a tiny model can fit them)."""
+    root = tmp_path_factory.mktemp("data")
+    os.makedirs(root / "gsm8k")
+    with open(root / "gsm8k" / "train.jsonl", "w") as f:
+        for i in range(16):
+            f.write(json.dumps({"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"}) + "\n")
+    return str(root)

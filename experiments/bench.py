@@ -266,6 +266,20 @@ def unmerge(wrappers, saved):
         w.merged = False
 
 
+@contextlib.contextmanager
+def serving(ad, model, config, merged):
+    """Configuration `config` swapped into `model` for inference, folded into W0 if `merged`; W0
+    restored bit for bit and the plain base layers back afterwards."""
+    ad.use(config)
+    saved = merge(ad.sets[config], model) if merged else None
+    try:
+        yield
+    finally:
+        if merged:
+            unmerge(ad.sets[config], saved)
+        ad.use("base")
+
+
 def set_fp32(modules, on):
     """Choose the adapters' arithmetic: float32 (on) or the base dtype (idlora.py, section 2)."""
     for m in modules:
@@ -557,11 +571,7 @@ def section_infer(model, ad, configs, args):
 
     def run(n):
         merged = n.endswith(" merged")
-        config = n[: -len(" merged")] if merged else n
-        ad.use(config)
-        if merged:
-            saved = merge(ad.sets[config], model)
-        with torch.inference_mode():
+        with serving(ad, model, n.removesuffix(" merged"), merged), torch.inference_mode():
             sync()
             t0 = time.perf_counter()
             model(input_ids=ids, use_cache=False)
@@ -570,9 +580,6 @@ def section_infer(model, ad, configs, args):
             out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=gc_)
             sync()
             t2 = time.perf_counter()
-        if merged:
-            unmerge(ad.sets[config], saved)
-        ad.use("base")
         assert out.shape[1] == args.prompt_len + args.new_tokens
         return dict(fwd=t1 - t0, gen=t2 - t1)
 
@@ -897,21 +904,14 @@ def suite_gpu(args):
     def forward(name):
         merged = name.endswith(" merged")
         config, fp32 = variant(name.removesuffix(" merged"))
-        ad.use(config)
         if config != "base":
             set_fp32(ad.sets[config].values(), fp32)
-        if merged:
-            saved = merge(ad.sets[config], model)
-        with torch.inference_mode():
+        with serving(ad, model, config, merged), torch.inference_mode():
             sync()
             t0 = time.perf_counter()
             model(input_ids=ids, use_cache=False)
             sync()
-            t = time.perf_counter() - t0
-        if merged:
-            unmerge(ad.sets[config], saved)
-        ad.use("base")
-        return dict(fwd=t)
+            return dict(fwd=time.perf_counter() - t0)
 
     infer = interleaved(forwards, forward, args.repeats, args.warmup)
     del model, ad, opts

@@ -127,16 +127,6 @@ def reference(tmp_path_factory, tiny_model_dir, gsm8k_dir):
     return kept, metrics(out)
 
 
-@pytest.fixture(scope="module")
-def gsm8k_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    os.makedirs(root / "gsm8k")
-    with open(root / "gsm8k" / "train.jsonl", "w") as f:
-        for i in range(16):
-            f.write(json.dumps({"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"}) + "\n")
-    return str(root)
-
-
 def test_ddp_ctrl_c_then_fsdp_resume(tmp_path, tiny_model_dir, gsm8k_dir, reference):
     """DDP on 2 processes; Ctrl-C during step 3 saves step 3 once; FSDP on 2 processes resumes
     from that checkpoint (each rank takes its shard of the full AdamW state) and finishes."""

@@ -18,17 +18,6 @@ import idlora
 import train
 
 
-@pytest.fixture(scope="session")
-def gsm8k_dir(tmp_path_factory):
-    """A data dir with 16 short GSM8K-style records (the same few, so a tiny model can fit them)."""
-    root = tmp_path_factory.mktemp("data")
-    os.makedirs(root / "gsm8k")
-    with open(root / "gsm8k" / "train.jsonl", "w") as f:
-        for i in range(16):
-            f.write(json.dumps({"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"}) + "\n")
-    return str(root)
-
-
 def run(tmp_path, model_dir, data_dir, *extra):
     """A short run: ID-LoRA r=8 k=2 (random rows, dropout 0.1) unless `extra` names a --method,
     which then brings its own settings."""
