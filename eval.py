@@ -45,7 +45,7 @@ from tqdm import tqdm
 import baselines
 import data
 import idlora
-from train import EMBEDDED, format_prompt, load_model
+from train import EMBEDDED, Help, format_prompt, load_model
 
 TASKS = ("gsm8k", "humaneval", "mmlu", "csqa", "hexphi")
 LETTERS = "ABCDE"
@@ -658,7 +658,7 @@ def full_run(model):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=Help)
     p.add_argument("--task", required=True, choices=TASKS + ("all",))
     p.add_argument("--adapter", help="a training run folder (holding adapter.safetensors) or the .safetensors file")
     p.add_argument("--model", help="Hugging Face id or local folder; default: the adapter's base model, "

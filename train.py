@@ -564,9 +564,15 @@ def settings_help(key):
     return ", ".join(f"{m} {d[key]}" for m, d in ((m, e.defaults) for m, e in baselines.METHODS.items()) if key in d)
 
 
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, except None: those flags say in words what they default to."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=Help)
     p.add_argument("--task", default="gsm8k", choices=sorted(TASK_LR))
     p.add_argument("--model", default=EMBEDDED, help="Hugging Face id or local folder; 'smollm2' = the embedded SmolLM2-135M-Instruct")
     p.add_argument("--model-config", help="build this architecture with random weights instead (llama-3-8b): memory/speed checks")

@@ -1025,8 +1025,9 @@ def machine(args):
 
 
 def parse_args(argv=None):
+    import train
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=train.Help)
     p.add_argument("--suite", choices=["gpu"], help="gpu: the one-command GPU check (base, LoRA r=16 merged and not, "
                    "ID-LoRA r=128 on both arithmetic paths, LLaMA-3-8B shapes, 4 x 512, memory, torch.compile), "
                    "written to --out/gpu.json and gpu.md; other flags still override its defaults")

@@ -451,7 +451,7 @@ def plot(args, folder, rows, best):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=train.Help)
     p.add_argument("--study", default="gsm8k", choices=STUDIES)
     p.add_argument("--plan", action="store_true", help="list the runs and which are done")
     p.add_argument("--table", action="store_true", help="only rebuild the table and plot")
@@ -466,24 +466,24 @@ def main(argv=None):
     p.add_argument("--seeds", default="1,2", help="extra seeds, each at a method's best lr")
     p.add_argument("--seed-methods", default=",".join(MAIN),
                    help="the methods that get --seeds (default: the main comparison; 'all' for every method)")
-    p.add_argument("--model", default=train.EMBEDDED)
+    p.add_argument("--model", default=train.EMBEDDED, help="base model of every run (train.py --model)")
     p.add_argument("--train-examples", type=int, default=2000, help="training examples (multitask: of each task)")
     p.add_argument("--val-examples", type=int, default=200, help="held-out examples per task for choosing lr")
     p.add_argument("--test-examples", type=int, default=200, help="held-out test examples per task")
     p.add_argument("--accuracy-examples", type=int, help="gsm8k: greedy accuracy on the first N test problems (default: --test-examples)")
     p.add_argument("--mmlu-per-subject", type=int, default=5, help="multitask: zero-shot MMLU, first N of each of 57 subjects")
     p.add_argument("--csqa-examples", type=int, default=300, help="multitask: first N CommonsenseQA validation questions")
-    p.add_argument("--epochs", type=float, default=1)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--micro-batch-size", type=int, default=8)
-    p.add_argument("--max-len", type=int, default=384)
+    p.add_argument("--epochs", type=float, default=1, help="passes over the training examples")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="examples per forward/backward")
+    p.add_argument("--max-len", type=int, default=384, help="tokens per example (prompt + response)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="greedy GSM8K answers")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda if available, else cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                    help="base weights; every committed result is fp32, so new ones stay comparable (recorded in each file)")
-    p.add_argument("--data-dir")
-    p.add_argument("--runs", default="runs/repro")
-    p.add_argument("--results", default="results")
+    p.add_argument("--data-dir", help="folder with local data files (see data/README.md)")
+    p.add_argument("--runs", default="runs/repro", help="training runs and checkpoints (not committed)")
+    p.add_argument("--results", default="results", help="result files: <results>/<study>/<run>.json, table.md, plots")
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     args.seed_methods = args.methods if args.seed_methods == "all" else [m for m in args.seed_methods.split(",") if m]
