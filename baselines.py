@@ -213,6 +213,7 @@ def moelora_layer(lin, cfg, r, saved):
 def _apply(model, method, make, targets, fp32, **settings):
     """Every target nn.Linear of `model` -> make(...) at the same rank, in place; freeze the rest."""
     layers = find_targets(model, targets)
+    idlora.check_rank(layers, settings["r"])
     cfg = dict(method=method, **settings, targets=list(targets), ranks={n: settings["r"] for n, _ in layers})
     return patch(model, layers, cfg, lambda name, lin: make(lin, cfg, settings["r"], {}), fp32)
 

@@ -250,6 +250,15 @@ def find_targets(model, targets):
     return found
 
 
+def check_rank(layers, r):
+    """A rank-r factor needs 1 <= r <= min(d_out, d_in) in every layer: a larger r adds no rank,
+    only memory (and a typo like 100000 would ask for gigabytes)."""
+    for name, lin in layers:
+        if not 1 <= r <= min(lin.weight.shape):
+            raise ValueError(f"rank {r} does not fit {name} of shape {tuple(lin.weight.shape)}: "
+                             f"it needs 1 <= r <= {min(lin.weight.shape)}")
+
+
 def fit_rank(name, d_out, r, k, boost):
     """The rank a layer gets: r, or the largest multiple of boost with k*r <= d_out."""
     if d_out % boost:
@@ -398,6 +407,7 @@ def apply_lora(model, r=32, alpha=64, dropout=0.05, targets=TARGETS, fp32=False)
     """Replace every target nn.Linear by a LoRALinear, in place; freeze the rest. The defaults
     are the paper's LoRA baseline (r=32, its Tables 1-2)."""
     layers = find_targets(model, targets)
+    check_rank(layers, r)
     cfg = dict(method="lora", r=r, alpha=alpha, dropout=dropout, targets=list(targets),
                ranks={n: r for n, _ in layers})
     return patch(model, layers, cfg, lambda name, lin: lora_layer(lin, cfg, r, {}), fp32)

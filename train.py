@@ -636,9 +636,11 @@ def parse_args(argv=None):
     args.epochs = args.epochs or TASK_EPOCHS[args.task]
     name = args.method if args.method == "full" else f"{args.method}-r{args.rank}"
     args.output_dir = args.output_dir or os.path.join("runs", f"{args.task}-{name}")
-    for flag in ("kmeans_inits", "kmeans_iters", "cluster_jobs"):
-        if getattr(args, flag) < 1:
+    for flag in ("rank", "k", "boost", "kmeans_inits", "kmeans_iters", "cluster_jobs"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        p.error(f"--dropout must be in [0, 1), got {args.dropout}")
     try:
         args.save_at = sorted({int(x) for x in args.save_at.split(",") if x})
     except ValueError:

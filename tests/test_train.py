@@ -255,6 +255,19 @@ def test_clear_errors(tmp_path, tiny_model_dir, gsm8k_dir):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "x", "completion": "y"}\n')
     with pytest.raises(SystemExit, match=r"error: .*bad.jsonl: record 1 has neither question/answer nor instruction/output"):
         run(tmp_path, tiny_model_dir, gsm8k_dir, "--train-file", str(tmp_path / "bad.jsonl"))
+    # a rank no layer can hold is one line, not an allocation of gigabytes (the tiny model's layers are 64 wide)
+    with pytest.raises(SystemExit, match=r"error: rank 100000 does not fit model.layers.0.self_attn.q_proj of shape "
+                                         r"\(64, 64\): it needs 1 <= r <= 64"):
+        run(tmp_path / "big", tiny_model_dir, gsm8k_dir, "--method", "dora", "--rank", "100000")
+
+
+@pytest.mark.parametrize("argv, msg", [(["--rank", "0"], "--rank must be at least 1"),
+                                       (["--method", "moelora", "--k", "0"], "--k must be at least 1"),
+                                       (["--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5")])
+def test_bad_settings_are_one_line(argv, msg, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    assert msg in capsys.readouterr().err
 
 
 # -----------------------------------------------------------------------------
