@@ -349,7 +349,7 @@ def table(args):
     head = ["method", "lrs searched", "best lr", "seeds", "trainable", "test loss (mean ± sd)"] + \
            [f"{t} loss" for t in per_task] + [f"{a} acc (mean)" for a in accs]
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    best, chosen = {}, {}
+    chosen = {}
     for m in (m for m in METHODS if any(r["method"] == m for r in rows)):
         grid, lr = lr_search(args, m)
         at = [r for r in rows if r["method"] == m and r["lr"] == lr]
@@ -357,7 +357,6 @@ def table(args):
             continue
         loss = torch.tensor([r["test_loss"] for r in at])
         sd = f"{loss.std().item():.4f}" if len(at) > 1 else "n/a"
-        best[m] = (at[0]["trainable"], loss.mean().item())
         chosen[m] = at
         cells = [m, ", ".join(f"{x:g}" for x in grid), f"{lr:g}", str(len(at)), f"{at[0]['trainable']:,}", f"{loss.mean():.4f} ± {sd}"]
         cells += [f"{sum(r['test_loss_per_task'][t] for r in at) / len(at):.4f}" for t in per_task]
@@ -371,7 +370,7 @@ def table(args):
     with open(os.path.join(folder, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(args, folder, rows, best)
+    plot(args, folder, rows, chosen)
 
 
 def curve_points(runs):
@@ -414,39 +413,57 @@ def plot_curves(args, folder, curves):
     plt.close()
 
 
-def plot(args, folder, rows, best):
-    """The paper's Fig. 4 at small scale: every trained run faint (one point per lr and seed), the
-    best lr of each method bold and labelled (the mean over its seeds), one colour and marker per
-    method family, the untrained base as a dashed line. The ID-LoRA ablations (other k, w/o RB,
-    serial/random rows) sit at nearly the same count, so they are left to the table."""
+def plot(args, folder, rows, chosen):
+    """loss_vs_params.png. Left, the paper's Fig. 4 at small scale: test loss against trainable
+    parameters, every trained run faint (one point per lr and seed), each method's best lr bold (the
+    mean over its seeds), one colour and marker per method family, the untrained base as a dashed
+    line; runs that did worse than the base (an lr far too high) are cut off. Right, the comparison
+    itself: each method at its best lr, the mean over seeds with their range, best at the top. The
+    ID-LoRA ablations (other k, w/o RB, serial/random rows) sit at nearly the same count as ID-LoRA,
+    so they are left to the table."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     trained = [r for r in rows if r["method"] != "base"]
     if not trained:
         return
+    base = next((r["test_loss"] for r in rows if r["method"] == "base"), None)
     family = lambda method: NAME.fullmatch(method)["method"]
-    plt.figure(figsize=(6, 4))
-    for i, fam in enumerate(f for f in list(baselines.METHODS) + ["full"] if any(family(r["method"]) == f for r in trained)):
-        marker, colour = "osD^vP*"[i % 7], f"C{i}"
+    families = [f for f in list(baselines.METHODS) + ["full"] if any(family(r["method"]) == f for r in trained)]
+    style = {f: ("osD^vP*"[i % 7], f"C{i}") for i, f in enumerate(families)}
+    loss = {m: [r["test_loss"] for r in at] for m, at in chosen.items() if not is_ablation(m)}
+    _, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw=dict(width_ratios=(3, 2)))
+    for fam in families:
+        marker, colour = style[fam]
         runs = [r for r in trained if family(r["method"]) == fam]
-        plt.scatter([r["trainable"] for r in runs], [r["test_loss"] for r in runs], marker=marker,
-                    color=colour, alpha=0.3, s=15, label=f"{fam}: every run")
-        pts = sorted((n, l, m) for m, (n, l) in best.items() if family(m) == fam and not is_ablation(m))
-        plt.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=colour, s=50,
-                    label=f"{fam}: best lr, mean over seeds")
-        for n, l, m in pts:
-            plt.annotate(m, (n, l), fontsize=6)
-    base = next((r for r in rows if r["method"] == "base"), None)
+        left.scatter([r["trainable"] for r in runs], [r["test_loss"] for r in runs], marker=marker,
+                     color=colour, alpha=0.3, s=15, label=f"{fam}: every run")
+        best = [(chosen[m][0]["trainable"], sum(v) / len(v)) for m, v in loss.items() if family(m) == fam]
+        left.scatter([n for n, _ in best], [l for _, l in best], marker=marker, color=colour, s=50,
+                     label=f"{fam}: best lr, mean over seeds")
     if base:
-        plt.axhline(base["test_loss"], color="gray", linestyle="--", linewidth=1, label="base (untrained)")
-    plt.xscale("log")
-    plt.xlabel("trainable parameters")
-    plt.ylabel(f"{args.study} test loss (NLL / response token)")
-    plt.title(f"{args.study}: held-out loss against trainable parameters")
-    plt.legend(fontsize=6)
+        left.axhline(base, color="gray", linestyle="--", linewidth=1, label="base (untrained)")
+        left.set_ylim(top=base + 0.05)
+    left.set_xscale("log")
+    left.set_xlabel("trainable parameters")
+    left.set_ylabel(f"{args.study} test loss (NLL / response token)")
+    left.set_title("every run; best lr bold")
+    left.legend(fontsize=6)
+    order = sorted(loss, key=lambda m: -sum(loss[m]) / len(loss[m]))        # best ends at the top
+    for y, m in enumerate(order):
+        v = loss[m]
+        marker, colour = style[family(m)]
+        right.errorbar(sum(v) / len(v), y, xerr=[[sum(v) / len(v) - min(v)], [max(v) - sum(v) / len(v)]],
+                       fmt=marker, color=colour, capsize=3)
+    right.set_yticks(range(len(order)), [f"{m}  ({chosen[m][0]['trainable'] / 1e6:.1f}M, {len(loss[m])} seed{'s' * (len(loss[m]) > 1)})"
+                                         for m in order], fontsize=7)
+    right.set_xlabel(f"{args.study} test loss at the best lr: mean, min to max")
+    right.set_title("each method at its best lr")
+    right.grid(axis="x", alpha=0.3)
+    plt.suptitle(f"{args.study}: held-out loss against trainable parameters")
     plt.tight_layout()
     plt.savefig(os.path.join(folder, "loss_vs_params.png"), dpi=120)
+    plt.close()
 
 
 def main(argv=None):
