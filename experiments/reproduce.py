@@ -432,13 +432,14 @@ def plot(args, folder, rows, chosen):
     families = [f for f in list(baselines.METHODS) + ["full"] if any(family(r["method"]) == f for r in trained)]
     style = {f: ("osD^vP*"[i % 7], f"C{i}") for i, f in enumerate(families)}
     loss = {m: [r["test_loss"] for r in at] for m, at in chosen.items() if not is_ablation(m)}
+    mean = {m: sum(v) / len(v) for m, v in loss.items()}
     _, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw=dict(width_ratios=(3, 2)))
     for fam in families:
         marker, colour = style[fam]
         runs = [r for r in trained if family(r["method"]) == fam]
         left.scatter([r["trainable"] for r in runs], [r["test_loss"] for r in runs], marker=marker,
                      color=colour, alpha=0.3, s=15, label=f"{fam}: every run")
-        best = [(chosen[m][0]["trainable"], sum(v) / len(v)) for m, v in loss.items() if family(m) == fam]
+        best = [(chosen[m][0]["trainable"], mean[m]) for m in loss if family(m) == fam]
         left.scatter([n for n, _ in best], [l for _, l in best], marker=marker, color=colour, s=50,
                      label=f"{fam}: best lr, mean over seeds")
     if base:
@@ -449,11 +450,10 @@ def plot(args, folder, rows, chosen):
     left.set_ylabel(f"{args.study} test loss (NLL / response token)")
     left.set_title("every run; best lr bold")
     left.legend(fontsize=6)
-    order = sorted(loss, key=lambda m: -sum(loss[m]) / len(loss[m]))        # best ends at the top
+    order = sorted(loss, key=lambda m: -mean[m])        # best ends at the top
     for y, m in enumerate(order):
-        v = loss[m]
         marker, colour = style[family(m)]
-        right.errorbar(sum(v) / len(v), y, xerr=[[sum(v) / len(v) - min(v)], [max(v) - sum(v) / len(v)]],
+        right.errorbar(mean[m], y, xerr=[[mean[m] - min(loss[m])], [max(loss[m]) - mean[m]]],
                        fmt=marker, color=colour, capsize=3)
     right.set_yticks(range(len(order)), [f"{m}  ({chosen[m][0]['trainable'] / 1e6:.1f}M, {len(loss[m])} seed{'s' * (len(loss[m]) > 1)})"
                                          for m in order], fontsize=7)
