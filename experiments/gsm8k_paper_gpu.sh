@@ -3,8 +3,9 @@
 # longer-training study (results/README.md). Prepared and smoke-tested on a CPU; not yet run on a GPU.
 #
 #   all 7,473 train problems, 3 epochs, batch 32 (702 steps, the paper's schedule: 5.5x the steps and
-#   22x the examples of the 128-step CPU study), ID-LoRA r=128 k=4 and LoRA r=16, each at the lr it chose in the 128-step
-#   study, seed 0, float32 like every CPU result; then greedy accuracy on all 1,319 test problems.
+#   22x the examples of the 128-step CPU study), ID-LoRA r=128 k=4 and LoRA r=16, each at the lr
+#   it chose in the 128-step study, seed 0, float32 like every CPU result; then greedy accuracy on
+#   all 1,319 test problems.
 #
 #   bash experiments/gsm8k_paper_gpu.sh IDLORA_LR LORA_LR          # e.g. 2e-4 2e-3
 #   SMOKE=1 bash experiments/gsm8k_paper_gpu.sh 2e-4 2e-3          # the same steps, tiny, on a CPU
