@@ -506,8 +506,8 @@ def load_checkpoint(out, model, method, fp32=False):
 
 def truncate_metrics(path, step):
     """Keep the rows of steps <= `step`. A run killed without Ctrl-C (SIGKILL, a crash, a lost
-    node) logged the steps after its last checkpoint, and --resume logs them again; a row cut
-    short by the kill is dropped too."""
+    node) logged the steps after its last checkpoint, and --resume logs them again (a fresh start,
+    `step` 0, when it died before its first checkpoint); a row cut short by the kill is dropped too."""
     if not os.path.exists(path):
         return
     keep = []
@@ -724,9 +724,9 @@ def train(args):
         sched.load_state_dict(state["sched"])
         torch.set_rng_state(state["rng"])      # dropout masks continue as in an uninterrupted run
         step = state["step"]
-        if RANK == 0:
-            truncate_metrics(os.path.join(out, "metrics.jsonl"), step)
         print(f"resumed {out} at step {step}/{total}")
+    if RANK == 0:          # a fresh start (step 0) too: a run killed before its first checkpoint logged rows
+        truncate_metrics(os.path.join(out, "metrics.jsonl"), step)
     if WORLD > 1:
         # Each rank draws its own dropout masks (until now every rank drew the same numbers, so
         # that all built the same adapter). So with --dropout > 0 a distributed run differs from

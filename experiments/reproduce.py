@@ -303,7 +303,7 @@ def one_run(args, name, method, lr, seed, records, val, test):
     row = dict(study=args.study, run=name, method=method, lr=lr, seed=seed,
                trainable=idlora.count_trainable(model) if method != "base" else 0,
                train_examples=len(records), epochs=args.epochs, max_len=args.max_len,
-               steps=sum(1 for _ in open(os.path.join(out, "metrics.jsonl"))) if method != "base" else 0,
+               steps=json.loads(open(os.path.join(out, "metrics.jsonl")).readlines()[-1])["step"] if method != "base" else 0,
                val_loss=sum(val_loss.values()) / len(val_loss), val_loss_per_task=val_loss,
                test_loss=sum(test_loss.values()) / len(test_loss), test_loss_per_task=test_loss,
                test_examples={task: len(r) for task, r in test.items()},

@@ -182,6 +182,29 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(tmp_path, tiny_mode
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_afresh(tmp_path, tiny_model_dir, gsm8k_dir, monkeypatch):
+    """A crash (not Ctrl-C: nothing is saved) in step 2 leaves step 1's row and no state.pt; the
+    rerun starts at step 0 and its metrics.jsonl holds each step once, as an uninterrupted run's."""
+    whole = metrics(run(tmp_path / "a", tiny_model_dir, gsm8k_dir, "--max-steps", "3"))
+    real, calls = train.response_loss_sum, []
+
+    def crash(*a):
+        calls.append(1)
+        if len(calls) == 3:                      # 2 micro-batches per step: the 1st of step 2
+            raise RuntimeError("killed")
+        return real(*a)
+
+    monkeypatch.setattr(train, "response_loss_sum", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(tmp_path / "b", tiny_model_dir, gsm8k_dir, "--max-steps", "3")
+    out = str(tmp_path / "b" / "run")
+    assert [r["step"] for r in metrics(out)] == [1] and not os.path.exists(os.path.join(out, "state.pt"))
+    monkeypatch.setattr(train, "response_loss_sum", real)
+    rows = metrics(run(tmp_path / "b", tiny_model_dir, gsm8k_dir, "--max-steps", "3"))
+    assert [r["step"] for r in rows] == [1, 2, 3]                      # not 1, 1, 2, 3
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in whole], rel=1e-5)
+
+
 def test_nan_loss_is_refused_without_saving(tmp_path, tiny_model_dir, gsm8k_dir, monkeypatch):
     monkeypatch.setattr(train, "response_loss_sum", lambda *a: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(SystemExit, match=r"error: loss is nan at step 1: not saved"):
