@@ -400,9 +400,10 @@ def plot_curves(args, folder, curves):
     plt.figure(figsize=(6, 4))
     for m, runs in curves.items():
         steps, mean, lo, hi = zip(*curve_points(runs))
-        line, = plt.plot(steps, mean, marker="o", markersize=3, label=f"{m} ({len(runs)} seeds)")
+        line, = plt.plot(steps, mean, marker="o", markersize=3, label=f"{m} ({len(runs)} seed{'s' * (len(runs) > 1)})")
         plt.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
     plt.xscale("log", base=2)
+    plt.xticks(steps, [str(s) for s in steps])
     plt.xlabel("training step")
     plt.ylabel(f"{args.study} test loss (NLL / response token)")
     plt.title(f"{args.study}: held-out loss during training, best lr per method")
