@@ -18,10 +18,10 @@ set -euo pipefail
 out=results/gpu/gsm8k-paper
 train=(--epochs 3 --batch-size 32 --micro-batch-size 32 --dtype fp32 --no-grad-ckpt)
 score=(--dtype fp32 --batch-size 128 --max-new-tokens 256)
-if [ -n "${SMOKE:-}" ]; then              # the same script end to end in a minute on a CPU
+if [ -n "${SMOKE:-}" ]; then              # the same script end to end on a CPU: later flags win
   out=runs/gsm8k-paper-smoke/results
-  train=(--max-examples 8 --epochs 1 --batch-size 4 --micro-batch-size 4 --dtype fp32 --no-grad-ckpt --device cpu)
-  score=(--limit 2 --dtype fp32 --batch-size 2 --max-new-tokens 8 --device cpu)
+  train+=(--max-examples 8 --epochs 1 --batch-size 4 --micro-batch-size 4 --device cpu)
+  score+=(--limit 2 --batch-size 2 --max-new-tokens 8 --device cpu)
 fi
 mkdir -p "$out"
 device=$(python -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')")
