@@ -745,6 +745,7 @@ def train(args):
     t0, tokens, saved, first = time.time(), 0, step, step
     try:
         while step < total:
+            t_step = time.time()
             epoch, pos = divmod(step, steps_per_epoch)
             order = epoch_order(len(kept), args.seed, epoch)
             batch = [kept[i] for i in order[pos * args.batch_size:(pos + 1) * args.batch_size]]
@@ -777,7 +778,9 @@ def train(args):
             step += 1
             rate = seen / (time.time() - t0)
             if RANK == 0:
-                row = dict(step=step, epoch=epoch, loss=loss_sum, lr=lr, tokens_per_s=round(rate, 1))
+                # seconds: this step's own time, so a resumed run's log still sums to its whole training time
+                row = dict(step=step, epoch=epoch, loss=loss_sum, lr=lr, tokens_per_s=round(rate, 1),
+                           seconds=round(time.time() - t_step, 3))
                 with open(os.path.join(out, "metrics.jsonl"), "a") as f:
                     f.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")

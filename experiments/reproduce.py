@@ -290,10 +290,12 @@ def learning_curve(args, out, val, test):
 
 def one_run(args, name, method, lr, seed, records, val, test):
     out = os.path.join(args.runs, args.study, name)
-    t0 = time.time()
     if method != "base":
         train_run(args, out, method, lr, seed, records)
-    train_s = time.time() - t0
+    log = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))] if method != "base" else []
+    # Training time from train.py's log, each step's own seconds: whole even when the run was resumed
+    # (this process's clock would count only the steps after the resume); null for a log without them.
+    train_s = round(sum(r["seconds"] for r in log), 1) if all("seconds" in r for r in log) else None
     curve = learning_curve(args, out, val, test) if method != "base" and args.eval_at else None
     if method == "base":
         model, tok = train.load_model(args.model, args.dtype, args.device)
@@ -303,7 +305,7 @@ def one_run(args, name, method, lr, seed, records, val, test):
     row = dict(study=args.study, run=name, method=method, lr=lr, seed=seed,
                trainable=idlora.count_trainable(model) if method != "base" else 0,
                train_examples=len(records), epochs=args.epochs, max_len=args.max_len,
-               steps=json.loads(open(os.path.join(out, "metrics.jsonl")).readlines()[-1])["step"] if method != "base" else 0,
+               steps=log[-1]["step"] if log else 0,
                val_loss=sum(val_loss.values()) / len(val_loss), val_loss_per_task=val_loss,
                test_loss=sum(test_loss.values()) / len(test_loss), test_loss_per_task=test_loss,
                test_examples={task: len(r) for task, r in test.items()},
@@ -314,7 +316,7 @@ def one_run(args, name, method, lr, seed, records, val, test):
         row["curve"] = curve + [dict(step=row["steps"], val_loss=row["val_loss"], test_loss=row["test_loss"])]
     del model
     t1 = time.time()
-    row.update(accuracy=scores(args, out, method), train_seconds=round(train_s),
+    row.update(accuracy=scores(args, out, method), train_seconds=train_s,
                eval_seconds=round(time.time() - t1), device=args.device, dtype=args.dtype, model=args.model,
                threads=torch.get_num_threads())                    # CPU threads of this process
     os.makedirs(os.path.dirname(result_path(args, name)), exist_ok=True)

@@ -156,6 +156,29 @@ def test_learning_curve_from_one_run(tmp_path, tiny_model_dir, tiny_data):
     assert os.path.exists(tmp_path / "results" / "gsm8k" / "learning_curves.png")
 
 
+def test_a_run_scored_after_a_restart_keeps_its_training_time(tmp_path, tiny_model_dir, tiny_data, monkeypatch):
+    """A worker stopped while it scored a trained run: the next one only scores it, and the result
+    still records the whole training time (summed from train.py's log), not this process's 0 s."""
+    argv = common(tmp_path, tiny_model_dir, tiny_data) + [
+        "--study", "gsm8k", "--methods", "lora-r8", "--lrs", "5e-2", "--seeds", "", "--train-examples", "8",
+        "--val-examples", "4", "--test-examples", "3", "--accuracy-examples", "1", "--max-new-tokens", "4"]
+    reproduce.main(argv)
+    path = tmp_path / "results" / "gsm8k" / "lora-r8_lr0.05_s0.json"
+    first = json.load(open(path))
+    log = [json.loads(l) for l in open(tmp_path / "runs" / "gsm8k" / "lora-r8_lr0.05_s0" / "metrics.jsonl")]
+    assert [r["step"] for r in log] == [1, 2] and all(r["seconds"] > 0 for r in log)
+    assert first["train_seconds"] == round(sum(r["seconds"] for r in log), 1) > 0
+    os.remove(path)                                                   # the result was never written
+
+    def no_training(*a, **kw):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(reproduce.train, "main", no_training)
+    reproduce.main(argv)
+    again = json.load(open(path))
+    assert again["train_seconds"] == first["train_seconds"] and again["test_loss"] == first["test_loss"]
+
+
 def test_claims_share_a_grid_between_processes(tmp_path, tiny_data, monkeypatch):
     """A run claimed by a live process is left to it; a dead process's claim is taken over; a
     worker with nothing left to take waits for the others' results, then finishes; no claim stays."""

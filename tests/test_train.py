@@ -176,6 +176,7 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(tmp_path, tiny_mode
         run(tmp_path / "b", tiny_model_dir, gsm8k_dir, "--max-steps", "6", *m)
     run(tmp_path / "b", tiny_model_dir, gsm8k_dir, "--max-steps", "6", "--resume", *m)
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5, 6]
+    assert all(r["seconds"] > 0 for r in metrics(out))     # each step's own time: the log sums to the whole run's
     assert [r["loss"] for r in metrics(out)] == pytest.approx([r["loss"] for r in metrics(whole)], rel=1e-5)
     f = os.path.join("model", "model.safetensors") if method == "full" else "adapter.safetensors"
     a, b = load_file(os.path.join(whole, f)), load_file(os.path.join(out, f))
