@@ -7,8 +7,8 @@
 #   it chose in the 128-step study, seed 0, float32 like every CPU result; then greedy accuracy on
 #   all 1,319 test problems.
 #
-#   bash experiments/gsm8k_paper_gpu.sh IDLORA_LR LORA_LR          # e.g. 2e-4 2e-3
-#   SMOKE=1 bash experiments/gsm8k_paper_gpu.sh 2e-4 2e-3          # the same steps, tiny, on a CPU
+#   bash experiments/gsm8k_paper_gpu.sh IDLORA_LR LORA_LR          # the chosen lrs: 6e-4 2e-3
+#   SMOKE=1 bash experiments/gsm8k_paper_gpu.sh 6e-4 2e-3          # the same steps, tiny, on a CPU
 #
 # Writes results/gpu/gsm8k-paper/: each method's training metrics and eval.py's accuracy file, and
 # times.tsv (seconds of training and of scoring per method, and the device). The runs themselves
