@@ -348,19 +348,22 @@ def table(args):
         cells = [r["run"], f"{r['trainable']:,}", f"{r['val_loss']:.4f}", f"{r['test_loss']:.4f}"]
         cells += [f"{r['test_loss_per_task'][t]:.4f}" for t in per_task] + [f"{r['accuracy'][a]:.3f}" for a in accs]
         lines.append("| " + " | ".join(cells) + " |")
-    head = ["method", "lrs searched", "best lr", "seeds", "trainable", "test loss (mean ± sd)"] + \
-           [f"{t} loss" for t in per_task] + [f"{a} acc (mean)" for a in accs]
+    head = ["method", "lrs searched", "best lr", "seeds", "trainable", "test loss (mean ± sd)",
+            f"minus {MAIN[0]} (Welch t)"] + [f"{t} loss" for t in per_task] + [f"{a} acc (mean)" for a in accs]
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     chosen = {}
     for m in (m for m in METHODS if any(r["method"] == m for r in rows)):
         grid, lr = lr_search(args, m)
         at = [r for r in rows if r["method"] == m and r["lr"] == lr]
-        if lr is None or not at:
-            continue
+        if lr is not None and at:
+            chosen[m] = at
+    ref = [r["test_loss"] for r in chosen.get(MAIN[0], [])]
+    for m, at in chosen.items():
+        grid, lr = lr_search(args, m)
         loss = torch.tensor([r["test_loss"] for r in at])
         sd = f"{loss.std().item():.4f}" if len(at) > 1 else "n/a"
-        chosen[m] = at
-        cells = [m, ", ".join(f"{x:g}" for x in grid), f"{lr:g}", str(len(at)), f"{at[0]['trainable']:,}", f"{loss.mean():.4f} ± {sd}"]
+        cells = [m, ", ".join(f"{x:g}" for x in grid), f"{lr:g}", str(len(at)), f"{at[0]['trainable']:,}",
+                 f"{loss.mean():.4f} ± {sd}", gap(loss.tolist(), ref) if m != MAIN[0] else ""]
         cells += [f"{sum(r['test_loss_per_task'][t] for r in at) / len(at):.4f}" for t in per_task]
         cells += [f"{sum(r['accuracy'][a] for r in at) / len(at):.3f}" for a in accs]
         lines.append("| " + " | ".join(cells) + " |")
@@ -373,6 +376,16 @@ def table(args):
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(args, folder, rows, chosen)
+
+
+def gap(a, b):
+    """"mean(a) - mean(b) (Welch t)": the difference in test loss between two methods' seeds and
+    Welch's t, which does not assume equal spreads; the t needs 2 seeds on each side."""
+    d = sum(a) / len(a) - sum(b) / len(b) if a and b else None
+    if d is None or len(a) < 2 or len(b) < 2:
+        return "" if d is None else f"{d:+.4f}"
+    se = (torch.tensor(a).var().item() / len(a) + torch.tensor(b).var().item() / len(b)) ** 0.5
+    return f"{d:+.4f} ({d / se:+.1f})"
 
 
 def curve_points(runs):
@@ -390,6 +403,11 @@ def curve_table(curves):
     for m, runs in curves.items():
         cells = {s: f"{mean:.4f} ({lo:.4f} to {hi:.4f})" for s, mean, lo, hi in curve_points(runs)}
         lines.append(f"| {m} | {len(runs)} | " + " | ".join(cells.get(s, "") for s in steps) + " |")
+    at = lambda runs, s: [p["test_loss"] for c in runs for p in c if p["step"] == s]
+    for m, runs in curves.items():       # each method minus ID-LoRA, step by step (Welch t)
+        if m != MAIN[0] and MAIN[0] in curves:
+            cells = [gap(at(runs, s), at(curves[MAIN[0]], s)) for s in steps]
+            lines.append(f"| {m} minus {MAIN[0]} (Welch t) | | " + " | ".join(cells) + " |")
     return lines
 
 

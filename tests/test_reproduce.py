@@ -308,3 +308,22 @@ def test_table_and_plot_from_a_partial_grid(tmp_path):
     table = open(folder / "table.md").read()
     assert "| lora-r16_lr0.0002_s0 | 10 | 1.1000 | 1.1000 | 0.000 |" in table
     assert os.path.getsize(folder / "loss_vs_params.png") > 0
+
+
+def test_table_gives_each_method_minus_idlora_with_welch_t(tmp_path):
+    """The gap to ID-LoRA r=128 k=4 at each method's best lr, and Welch's t, in the method table and
+    at each step of the learning curves, equal to a hand computation."""
+    folder = tmp_path / "results" / "gsm8k"
+    folder.mkdir(parents=True)
+    losses = {"idlora-r128-k4": [0.90, 0.91, 0.95], "lora-r16": [0.85, 0.86, 0.87]}
+    for method, seeds in losses.items():
+        for s, loss in enumerate(seeds):
+            curve = [dict(step=2, val_loss=loss + 0.1, test_loss=loss + 0.1), dict(step=4, val_loss=loss, test_loss=loss)]
+            json.dump(dict(run=f"{method}_lr0.001_s{s}", method=method, lr=1e-3, seed=s, trainable=10, val_loss=loss,
+                           test_loss=loss, test_loss_per_task={"gsm8k": loss}, accuracy={"gsm8k": 0.0}, curve=curve),
+                      open(folder / f"{method}_lr0.001_s{s}.json", "w"))
+    reproduce.main(["--study", "gsm8k", "--table", "--lrs", "1e-3", "--results", str(tmp_path / "results")])
+    table = open(folder / "table.md").read()
+    # mean 0.86 - 0.92 = -0.06; sample variances 0.0001 and 0.0007: se = sqrt(0.0008 / 3) = 0.01633, t = -3.67
+    assert "| 0.8600 ± 0.0100 | -0.0600 (-3.7) |" in table
+    assert "| lora-r16 minus idlora-r128-k4 (Welch t) | | -0.0600 (-3.7) | -0.0600 (-3.7) |" in table
