@@ -776,11 +776,12 @@ def train(args):
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            rate = seen / (time.time() - t0)
+            now = time.time()
+            rate = seen / (now - t0)
             if RANK == 0:
                 # seconds: this step's own time, so a resumed run's log still sums to its whole training time
                 row = dict(step=step, epoch=epoch, loss=loss_sum, lr=lr, tokens_per_s=round(rate, 1),
-                           seconds=round(time.time() - t_step, 3))
+                           seconds=round(now - t_step, 3))
                 with open(os.path.join(out, "metrics.jsonl"), "a") as f:
                     f.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")

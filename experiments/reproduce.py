@@ -351,15 +351,15 @@ def table(args):
     head = ["method", "lrs searched", "best lr", "seeds", "trainable", "test loss (mean ± sd)",
             f"minus {MAIN[0]} (Welch t)"] + [f"{t} loss" for t in per_task] + [f"{a} acc (mean)" for a in accs]
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    chosen = {}
+    chosen, grids = {}, {}
     for m in (m for m in METHODS if any(r["method"] == m for r in rows)):
-        grid, lr = lr_search(args, m)
+        grids[m], lr = lr_search(args, m)
         at = [r for r in rows if r["method"] == m and r["lr"] == lr]
         if lr is not None and at:
             chosen[m] = at
     ref = [r["test_loss"] for r in chosen.get(MAIN[0], [])]
     for m, at in chosen.items():
-        grid, lr = lr_search(args, m)
+        grid, lr = grids[m], at[0]["lr"]
         loss = torch.tensor([r["test_loss"] for r in at])
         sd = f"{loss.std().item():.4f}" if len(at) > 1 else "n/a"
         cells = [m, ", ".join(f"{x:g}" for x in grid), f"{lr:g}", str(len(at)), f"{at[0]['trainable']:,}",
@@ -379,11 +379,13 @@ def table(args):
 
 
 def gap(a, b):
-    """"mean(a) - mean(b) (Welch t)": the difference in test loss between two methods' seeds and
-    Welch's t, which does not assume equal spreads; the t needs 2 seeds on each side."""
-    d = sum(a) / len(a) - sum(b) / len(b) if a and b else None
-    if d is None or len(a) < 2 or len(b) < 2:
-        return "" if d is None else f"{d:+.4f}"
+    """The cell "mean(a) - mean(b) (Welch t)": the difference in test loss between two methods'
+    seeds and Welch's t, which does not assume equal spreads; the t needs 2 seeds on each side."""
+    if not a or not b:
+        return ""
+    d = sum(a) / len(a) - sum(b) / len(b)
+    if len(a) < 2 or len(b) < 2:
+        return f"{d:+.4f}"
     se = (torch.tensor(a).var().item() / len(a) + torch.tensor(b).var().item() / len(b)) ** 0.5
     return f"{d:+.4f} ({d / se:+.1f})"
 
