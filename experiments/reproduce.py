@@ -58,9 +58,14 @@ import train
 # that is r=32 exactly (B: d_out x 32 = d_out/2 x 128/2). On SmolLM2 the k/v layers (192 rows < k*r)
 # are clamped to rank 48 at boost 2 but not at boost 1, so r=32 would have 4.3% more; r=31 is the
 # nearest (5,420,160 vs 5,345,280: +1.4%). The baselines are at the paper's settings (Tables 1-2).
+# At r=128 ID-LoRA takes 89-100% of most SmolLM2 matrices' rows, so which rows it takes can hardly
+# matter; at r=16 (64 rows) it takes 4-33%, close to LLaMA-3-8B's 4-50% at r=128: the r=16 ablations
+# test PMRC where it can matter. idlora-r16-k4, idlora-r4-k4-noRB and lora-r4 have exactly the same
+# trainable count on SmolLM2 (1,221,120): rank boosting and ID-LoRA against LoRA at equal size.
 METHODS = ("idlora-r128-k4", "lora-r8", "lora-r16", "lora-r32", "idlora-r31-k4-noRB", "idlora-r128-k4-serial",
            "idlora-r128-k4-random", "idlora-r128-k2", "idlora-r128-k8",
-           "dora-r32", "hydralora-r16-k3", "moelora-r8-k4", "full")
+           "dora-r32", "hydralora-r16-k3", "moelora-r8-k4", "full",
+           "idlora-r16-k4", "idlora-r16-k4-serial", "idlora-r16-k4-random", "idlora-r4-k4-noRB", "lora-r4")
 NAME = re.compile(r"(?P<method>[a-z]+)(?:-r(?P<r>\d+))?(?:-k(?P<k>\d+))?(?P<noRB>-noRB)?(?:-(?P<selection>serial|random))?")
 
 
