@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import torch
 import torch.distributed as dist
@@ -201,12 +201,19 @@ def task_records(task, data_dir=None, seed=0):
 
 
 def read_jsonl(path):
+    """The records of a --train-file, in data's schema. Each mistake is one line naming the file
+    (and the line, for one that is not JSON)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path}")
-    records = [json.loads(line) for line in open(path) if line.strip()]
-    bad = [i for i, r in enumerate(records) if not ({"question", "answer"} <= r.keys() or {"instruction", "output"} <= r.keys())]
-    if bad:
-        raise ValueError(f"{path}: record {bad[0] + 1} has neither question/answer nor instruction/output")
+    if os.path.isdir(path):
+        raise ValueError(f"--train-file {path} is a folder: it takes one JSONL file (a folder of data files is --data-dir)")
+    with open(path, encoding="utf-8") as f:
+        records = data.jsonl_records(f, path)
+    if not records:
+        raise ValueError(f"--train-file {path} holds no records")
+    for i, r in enumerate(records, 1):
+        if not isinstance(r, dict) or not ({"question", "answer"} <= r.keys() or {"instruction", "output"} <= r.keys()):
+            raise ValueError(f"{path}: record {i} has neither question/answer nor instruction/output")
     return [r if "question" in r else data._instruction(r) for r in records]   # data's own schema
 
 
@@ -523,6 +530,87 @@ def truncate_metrics(path, step):
     os.replace(path + ".tmp", path)
 
 
+# -----------------------------------------------------------------------------
+# Resume: the same run, or none. args.json, written when a run starts, holds its settings as
+# parse_args resolved them. --resume continues that run, so every setting that shapes the
+# update (the method and its settings, lr, batch sizes, task and data, model, dtype, max-len,
+# seed, ...) must be the run's: with another value the run would go on as something no record
+# describes (the adapter's shape even comes from the checkpoint, whatever --rank says). Only
+# the settings below may change, and args.json records each change under "resumes". Every
+# other one refuses, a flag added later included, unless someone argues it here.
+
+RESUME_MAY_CHANGE = {
+    "max_steps",                 # extends a run (or ends it sooner): the linear decay is recomputed over the new total
+    "save_every", "save_at",     # when checkpoints are written, not what they hold
+    "resume", "output_dir",      # how the run is found ("runs/x" and its absolute path are one folder)
+    # PMRC runs when a run starts, never on a resume (the rows come from the checkpoint), and these
+    # two say only how many processes cluster and where the result is cached, not which rows win.
+    "cluster_jobs", "cluster_cache",
+    # The process count under torchrun is not a flag (it is recorded as "world"). One process,
+    # DDP and FSDP2 make the same update (tests/test_distributed.py resumes DDP's checkpoint under
+    # FSDP, and FSDP's in one process, and gets one process's losses), so --parallel, which
+    # defaults to ddp with more than one process, may change with it.
+    "parallel",
+}
+# Compared by what they mean: "cuda" and "cuda:3" are the same kind of device (torchrun gives each
+# rank its own index), while cpu against cuda refuses (--dtype auto means fp32 or bf16 by device).
+SAME_WHEN = {"device": lambda d: torch.device(d).type}
+
+
+def shown(value):
+    return "unset" if value is None else value
+
+
+def check_resume(args):
+    """Refuse a resume whose settings differ from its run's (one line per difference) before any
+    file of the run is touched. Returns (args.json's content, {key: [run's value, new value]} of
+    the allowed changes), or None for a run that has no args.json."""
+    path = os.path.join(args.output_dir, "args.json")
+    if not os.path.exists(path):
+        print(f"note: {args.output_dir} has no args.json, so this resume cannot check that its flags are the run's")
+        return None
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--resume: {path} is not valid JSON ({e}), so the run's settings cannot be checked") from None
+    run = {k: v for k, v in saved.items() if k not in ("world", "resumes")}
+    for resume in saved.get("resumes", []):          # the values earlier resumes changed (e.g. max_steps)
+        run.update({k: new for k, (_, new) in resume["changed"].items()})
+    defaults = vars(parser().parse_args([]))         # a flag added after the run started: it ran as its default
+    refused, changed = [], {}
+    for key, new in vars(args).items():
+        old = run[key] if key in run else defaults.get(key)
+        if old == new or key == "resume":
+            continue
+        same = SAME_WHEN.get(key, lambda v: v)
+        if key in RESUME_MAY_CHANGE or same(old) == same(new):
+            changed[key] = [old, new]
+        else:
+            refused.append(f"--{key.replace('_', '-')}: run has {shown(old)}, resume asks {shown(new)}")
+    if refused:
+        raise ValueError(f"--resume refused: these settings differ from the run's in {path} (pass the run's "
+                         f"values, or start a new run in another --output-dir)\n" + "\n".join(refused))
+    return saved, changed
+
+
+def write_args(out, args, resumed, step):
+    """args.json: a fresh run's settings, plus "world" (its process count) and "resumes": []; a
+    resume appends {step, date, world, changed} to "resumes" and leaves the settings as they were."""
+    if not args.resume:
+        record = {**vars(args), "world": WORLD, "resumes": []}
+    elif resumed is None:                    # a run from before args.json: nothing to add to
+        return
+    else:
+        record, changed = resumed
+        record.setdefault("resumes", []).append(dict(step=step, date=datetime.now().astimezone().isoformat(timespec="seconds"),
+                                                     world=WORLD, changed=changed))
+    path = os.path.join(out, "args.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def load_trained(out, device="cpu", dtype=None, base=None):
     """(model, tokenizer) of a finished run in `out`, whatever its method: the fine-tuned model
     folder out/model, or out/adapter.safetensors on its base model (`base`, else the one it records)."""
@@ -571,7 +659,7 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def parse_args(argv=None):
+def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=Help)
     p.add_argument("--task", default="gsm8k", choices=sorted(TASK_LR))
     p.add_argument("--model", default=EMBEDDED, help="Hugging Face id or local folder; 'smollm2' = the embedded SmolLM2-135M-Instruct")
@@ -618,6 +706,11 @@ def parse_args(argv=None):
     p.add_argument("--parallel", choices=["ddp", "fsdp"],
                    help="under torchrun: ddp replicates the model on every GPU, fsdp (FSDP2) shards it "
                         "(for models one GPU cannot hold); default ddp when torchrun starts more than one process")
+    return p
+
+
+def parse_args(argv=None):
+    p = parser()
     args = p.parse_args(argv)
     # Each method's settings: the flags it takes (its apply function's keywords), unset ones from
     # the table. A flag the method does not use is an error rather than silently ignored.
@@ -636,9 +729,12 @@ def parse_args(argv=None):
     args.epochs = args.epochs or TASK_EPOCHS[args.task]
     name = args.method if args.method == "full" else f"{args.method}-r{args.rank}"
     args.output_dir = args.output_dir or os.path.join("runs", f"{args.task}-{name}")
-    for flag in ("rank", "k", "boost", "kmeans_inits", "kmeans_iters", "cluster_jobs"):
+    for flag in ("rank", "k", "boost", "kmeans_inits", "kmeans_iters", "cluster_jobs", "max_steps", "max_examples",
+                 "batch_size", "micro_batch_size", "max_len", "save_every"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.epochs <= 0:
+        p.error(f"--epochs must be above 0, got {args.epochs}")
     if args.dropout is not None and not 0 <= args.dropout < 1:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
     try:
@@ -697,12 +793,16 @@ def train(args):
         raise FileNotFoundError(f"--resume: no checkpoint (state.pt) in {out}")
     if not args.resume and os.path.exists(os.path.join(out, "state.pt")):
         raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or another --output-dir")
+    resumed = check_resume(args) if args.resume else None       # before any file of the run is touched
     records = read_jsonl(args.train_file) if args.train_file else task_records(args.task, args.data_dir, args.seed)
     records = records[: args.max_examples]
     model, tok = build_model_once(args) if args.parallel else build_model(args)
 
     examples = [encode(tok, *to_pair(r), args.max_len) for r in records]
     kept = [e for e in examples if any(l != -100 for l in e[1])]
+    if not kept:
+        raise ValueError(f"all {len(examples):,} examples were dropped: each prompt fills --max-len {args.max_len} "
+                         f"tokens, leaving no response token to learn; raise --max-len")
     if len(kept) < len(examples):
         print(f"dropped {len(examples) - len(kept)} examples whose prompt fills --max-len {args.max_len}")
     truncated = sum(len(e[0]) == args.max_len for e in kept)
@@ -717,14 +817,23 @@ def train(args):
         model = wrap(model, args)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total))  # no warmup, linear decay
+    decay = lambda s: max(0.0, 1 - s / total)                                   # no warmup, linear decay
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
     step = 0
     if state:
         opt.load_state_dict(sharded_like(state["opt"], params) if args.parallel == "fsdp" else state["opt"])
         sched.load_state_dict(state["sched"])
         torch.set_rng_state(state["rng"])      # dropout masks continue as in an uninterrupted run
         step = state["step"]
+        # The next step's lr, from this run's total: the very number the saved schedule holds,
+        # unless --max-steps changed the total (the saved one would be the old schedule's: 0 at the
+        # end of a finished run, which an extension would then take one step at).
+        for group, base in zip(opt.param_groups, sched.base_lrs):
+            group["lr"] = base * decay(step)
         print(f"resumed {out} at step {step}/{total}")
+        if resumed and resumed[1]:
+            print("changed, and recorded in args.json: " + ", ".join(
+                f"--{k.replace('_', '-')} {shown(old)} -> {shown(new)}" for k, (old, new) in resumed[1].items()))
     if RANK == 0:          # a fresh start (step 0) too: a run killed before its first checkpoint logged rows
         truncate_metrics(os.path.join(out, "metrics.jsonl"), step)
     if WORLD > 1:
@@ -733,8 +842,7 @@ def train(args):
         # one process, and a resumed one from an uninterrupted one, by its masks.
         torch.manual_seed(hash((args.seed, step, RANK)) % 2**63)
     if RANK == 0:
-        with open(os.path.join(out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
+        write_args(out, args, resumed, step)
 
     stop = stop_on_sigint() if args.parallel else threading.Event()   # plain run: Ctrl-C raises
     model.train()
@@ -771,7 +879,7 @@ def train(args):
                 raise FloatingPointError(f"loss is {loss_sum} at step {step + 1}: not saved (last good checkpoint: "
                                          f"step {saved} in {out}); try a lower --lr")
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            lr = sched.get_last_lr()[0]                                  # the lr this step uses
+            lr = opt.param_groups[0]["lr"]                               # the lr this step uses
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)

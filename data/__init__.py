@@ -163,7 +163,8 @@ def load(name: str, split: str, data_dir: str | os.PathLike | None = None) -> li
             reason = (str(e).strip().splitlines() or [""])[0][:200]
             looked.append(f"Hugging Face hub {repo}: {type(e).__name__}: {reason}")
         else:
-            return _finish(name, split, rows, f"the Hugging Face hub ({repo})")
+            source = f"the Hugging Face hub ({repo})"
+            return _finish(name, split, _to_schema(name, rows, source), source)
     else:
         looked.append("Hugging Face hub: not tried, no public copy")
 
@@ -185,9 +186,24 @@ def _from_hub(name: str, split: str) -> list[dict]:
     return datasets.load_dataset(repo, config, split=split).to_list()
 
 
-def _finish(name, split, raw_rows, source, note=""):
-    rows = [_TO_SCHEMA[name](r) for r in raw_rows]
+def _finish(name, split, rows, source, note=""):
+    if not rows:  # an empty file (or every shard empty) is a mistake, never a run on nothing
+        raise ValueError(f"data: {name}/{split} from {source} holds no records")
     print(f"data: {name}/{split} from {source} ({len(rows):,} records){note}")
+    return rows
+
+
+def _to_schema(name, raw_rows, source):
+    """Raw rows -> the documented schema; a record without a field the set needs is named by its number."""
+    rows = []
+    for i, r in enumerate(raw_rows, 1):
+        if not isinstance(r, dict):
+            raise ValueError(f"data: {source}: record {i} is a JSON {type(r).__name__}, not an object with {name}'s fields")
+        try:
+            rows.append(_TO_SCHEMA[name](r))
+        except KeyError as e:
+            raise ValueError(f"data: {source}: record {i} has no {e} field, which {name} needs "
+                             f"(it has {', '.join(map(repr, r)) or 'none'})") from None
     return rows
 
 
@@ -214,7 +230,7 @@ def _read_all(name, paths):
         if name == "hexphi":  # HEx-PHI ships one headerless CSV per category: the file name is the category
             for r in part:
                 r.setdefault("category", path.stem)
-        rows += part
+        rows += _to_schema(name, part, path)
     return rows
 
 
@@ -230,10 +246,27 @@ def _read(path):
         return _read_prompts_csv(path)
     with (gzip.open if path.name.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
         if ".jsonl" in path.name:
-            return [json.loads(line) for line in f if line.strip()]
-        rows = json.load(f)
+            return jsonl_records(f, path)
+        try:
+            rows = json.load(f)
+        except json.JSONDecodeError as e:  # its line and column are the file's
+            raise ValueError(f"data: {path}: not valid JSON: {e}") from None
     if not isinstance(rows, list):
         raise ValueError(f"data: {path} should hold a JSON list of records, found {type(rows).__name__}")
+    return rows
+
+
+def jsonl_records(lines, path):
+    """The records of a JSONL file (one JSON value per line, blank lines skipped). A line that is
+    not JSON is named by file and line number: json's own message counts lines within the one
+    line it was given, so it always says "line 1"."""
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line.rstrip("\r\n")))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.pos + 1})") from None
     return rows
 
 

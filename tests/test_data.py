@@ -233,3 +233,55 @@ def test_unknown_name_or_split():
         data.load("gsm8k", "validation")
     with pytest.raises(ValueError, match="valid splits: dev, validation, test"):
         data.load("mmlu", "train")
+
+
+def test_a_broken_jsonl_line_is_named_by_file_and_line(tmp_path):
+    good = [json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) for i in range(7)]
+    path = tmp_path / "gsm8k/train.jsonl"
+    path.parent.mkdir()
+    path.write_text("\n".join(good[:3]) + "\n\n" + "\n".join(good[3:5]) + '\n{"question": "a\tb", "answer": "#### 1"}\n')
+    # line 7 of the file (a blank line 4 counts), whatever json's own "line 1 column 16" says
+    with pytest.raises(ValueError) as e:
+        data.load("gsm8k", "train", data_dir=tmp_path)
+    assert str(e.value) == f"{path}, line 7: not valid JSON (Invalid control character at column 16)"
+    path.write_text("\n".join(good) + "\n" + good[0][:-1] + "\n")            # a last line cut short
+    with pytest.raises(ValueError, match=rf"^{path}, line 8: not valid JSON \(Expecting ',' delimiter at column 38\)$"):
+        data.load("gsm8k", "train", data_dir=tmp_path)
+
+
+def test_a_broken_json_file_is_named(tmp_path):
+    path = tmp_path / "codealpaca/code_alpaca_20k.json"
+    path.parent.mkdir()
+    path.write_text('[\n {"instruction": "i", "input": "", "output": "o"},\n {"instruction": "j" "output": "p"}\n]\n')
+    with pytest.raises(ValueError) as e:
+        data.load("codealpaca", "train", data_dir=tmp_path)
+    assert str(e.value) == f"data: {path}: not valid JSON: Expecting ',' delimiter: line 3 column 22 (char 74)"
+
+
+def test_empty_files_and_missing_fields_are_one_line(tmp_path, hub):
+    write_jsonl(tmp_path / "gsm8k/train.jsonl", [])
+    with pytest.raises(ValueError) as e:
+        data.load("gsm8k", "train", data_dir=tmp_path)
+    assert str(e.value) == f"data: gsm8k/train from {tmp_path}/gsm8k/train.jsonl holds no records"
+
+    write_jsonl(tmp_path / "gsm8k/test.jsonl", [{"question": "q", "answer": "a"}, {"question": "q", "solution": "a"}])
+    with pytest.raises(ValueError) as e:
+        data.load("gsm8k", "test", data_dir=tmp_path)
+    assert str(e.value) == (f"data: {tmp_path}/gsm8k/test.jsonl: record 2 has no 'answer' field, which gsm8k needs "
+                            "(it has 'question', 'solution')")
+
+    (tmp_path / "codealpaca").mkdir()
+    (tmp_path / "codealpaca/code_alpaca_20k.json").write_text(json.dumps([{"instruction": "i", "output": "o"}, "text"]))
+    with pytest.raises(ValueError) as e:
+        data.load("codealpaca", "train", data_dir=tmp_path)
+    assert str(e.value) == (f"data: {tmp_path}/codealpaca/code_alpaca_20k.json: record 2 is a JSON str, "
+                            "not an object with codealpaca's fields")
+
+    hub.rows = [{"instruction": "i", "output": "o"}, {"instruction": "j", "response": "p"}]
+    with pytest.raises(ValueError) as e:
+        data.load("alpaca", "train")
+    assert str(e.value) == ("data: the Hugging Face hub (yahma/alpaca-cleaned): record 2 has no 'output' field, "
+                            "which alpaca needs (it has 'instruction', 'response')")
+    hub.rows = []
+    with pytest.raises(ValueError, match=r"^data: alpaca/train from the Hugging Face hub \(yahma/alpaca-cleaned\) holds no records$"):
+        data.load("alpaca", "train")

@@ -149,6 +149,9 @@ def test_ddp_ctrl_c_then_fsdp_resume(tmp_path, tiny_model_dir, gsm8k_dir, refere
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in ref_rows], abs=1e-5)
     assert_same_checkpoint(out, ref, 4)
+    saved = json.load(open(out / "args.json"))          # the run's settings kept, the change recorded
+    assert (saved["parallel"], saved["world"]) == ("ddp", 2)
+    assert [(r["step"], r["world"], r["changed"]) for r in saved["resumes"]] == [(3, 2, {"parallel": ["ddp", "fsdp"]})]
 
 
 def test_fsdp_sigkill_then_one_process_resume(tmp_path, tiny_model_dir, gsm8k_dir, reference):
@@ -171,6 +174,10 @@ def test_fsdp_sigkill_then_one_process_resume(tmp_path, tiny_model_dir, gsm8k_di
     assert [r["step"] for r in rows] == [1, 2, 3, 4]                  # not 1, 2, 3, 3, 4
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in ref_rows], abs=1e-5)
     assert_same_checkpoint(out, ref, 4)
+    saved = json.load(open(out / "args.json"))
+    assert (saved["parallel"], saved["world"], saved["save_every"]) == ("fsdp", 2, 2)
+    assert [(r["step"], r["world"], r["changed"]) for r in saved["resumes"]] == [
+        (2, 1, {"save_every": [2, 100], "parallel": ["fsdp", None]})]
 
 
 def test_rank_shares_and_batch_split_errors(monkeypatch, capsys):

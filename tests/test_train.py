@@ -1,6 +1,7 @@
 """Tests of train.py: label masking, the multitask mix, a few real steps on a tiny random
-LLaMA (loss falls, checkpoints, exact resume, Ctrl-C, NaN refusal, bf16), clear errors, and
-two steps of the embedded model on GSM8K.
+LLaMA (loss falls, checkpoints, exact resume, a resume that changes the run refused, Ctrl-C,
+NaN refusal, bf16), clear errors for bad settings and bad data, and two steps of the embedded
+model on GSM8K.
 
     pytest test_train.py
 """
@@ -8,6 +9,9 @@ two steps of the embedded model on GSM8K.
 import json
 import os
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -183,6 +187,156 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(tmp_path, tiny_mode
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+# A resume is the same run or none: every setting that shapes the update must be the run's.
+
+BASE = ["--task", "gsm8k", "--batch-size", "8", "--micro-batch-size", "4", "--max-len", "64", "--lr", "5e-2",
+        "--rank", "8", "--k", "2", "--selection", "random", "--dropout", "0.1", "--save-every", "1"]
+
+
+def base_argv(model_dir, data_dir, out, *extra):
+    """BASE with --model, --data-dir, --output-dir; each flag of `extra` replaces BASE's value or adds one."""
+    argv = BASE + ["--model", model_dir, "--data-dir", data_dir, "--output-dir", out]
+    for flag, value in zip(extra[::2], extra[1::2]):
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory, tiny_model_dir, gsm8k_dir):
+    """A finished 2-step run (a checkpoint at each step), to be copied by each test."""
+    out = str(tmp_path_factory.mktemp("two") / "run")
+    train.main(base_argv(tiny_model_dir, gsm8k_dir, out, "--max-steps", "2"))
+    return out
+
+
+def copy_run(src, tmp_path):
+    return shutil.copytree(src, str(tmp_path / "run"))
+
+
+def snapshot(out):
+    """Every file under `out`: its bytes and its modification time (ns)."""
+    files = {}
+    for root, _, names in os.walk(out):
+        for n in names:
+            path = os.path.join(root, n)
+            files[os.path.relpath(path, out)] = (open(path, "rb").read(), os.stat(path).st_mtime_ns)
+    return files
+
+
+def refusal(tmp_path, two_steps, tiny_model_dir, gsm8k_dir, *change):
+    """Resume a copy of the 2-step run with `change`: the refusal's lines after the first; no file may change."""
+    out = copy_run(two_steps, tmp_path)
+    before = snapshot(out)
+    with pytest.raises(SystemExit) as e:
+        train.main(base_argv(tiny_model_dir, gsm8k_dir, out, "--max-steps", "2", *change) + ["--resume"])
+    assert snapshot(out) == before                       # not a byte, not an mtime
+    first, *lines = str(e.value).splitlines()
+    assert first == (f"error: --resume refused: these settings differ from the run's in {out}/args.json (pass the "
+                     "run's values, or start a new run in another --output-dir)")
+    return lines
+
+
+def test_a_resume_that_changes_the_update_is_refused(tmp_path, two_steps, tiny_model_dir, gsm8k_dir):
+    other = tmp_path / "other"
+    os.makedirs(other / "gsm8k")
+    (other / "gsm8k" / "train.jsonl").write_text(open(os.path.join(gsm8k_dir, "gsm8k", "train.jsonl")).read())
+    (tmp_path / "mine.jsonl").write_text('{"question": "q", "answer": "a"}\n')
+    for i, (change, lines) in enumerate([
+            (["--lr", "1e-3"], ["--lr: run has 0.05, resume asks 0.001"]),
+            (["--rank", "4"], ["--rank: run has 8, resume asks 4", "--alpha: run has 16.0, resume asks 8.0"]),
+            (["--seed", "1"], ["--seed: run has 0, resume asks 1"]),
+            (["--batch-size", "4"], ["--batch-size: run has 8, resume asks 4"]),
+            (["--micro-batch-size", "2"], ["--micro-batch-size: run has 4, resume asks 2"]),
+            (["--max-len", "128"], ["--max-len: run has 64, resume asks 128"]),
+            (["--dtype", "bf16"], ["--dtype: run has auto, resume asks bf16"]),
+            (["--device", "cuda"], ["--device: run has cpu, resume asks cuda"]),
+            (["--data-dir", str(other)], [f"--data-dir: run has {gsm8k_dir}, resume asks {other}"]),
+            (["--train-file", str(tmp_path / "mine.jsonl")], [f"--train-file: run has unset, resume asks {tmp_path}/mine.jsonl"]),
+            (["--epochs", "5"], ["--epochs: run has 3, resume asks 5.0"]),
+            (["--kmeans-iters", "5"], ["--kmeans-iters: run has 20, resume asks 5"]),
+            # an allowed change beside a refused one: still refused, and only the refused one is named
+            (["--lr", "1e-3", "--save-every", "5", "--max-steps", "4"], ["--lr: run has 0.05, resume asks 0.001"])]):
+        assert refusal(tmp_path / str(i), two_steps, tiny_model_dir, gsm8k_dir, *change) == lines, change
+
+
+def test_a_resume_that_changes_the_method_is_refused(tmp_path, two_steps, tiny_model_dir, gsm8k_dir):
+    out = copy_run(two_steps, tmp_path)
+    before = snapshot(out)
+    with pytest.raises(SystemExit) as e:        # what the issue's user did: LoRA's flags on ID-LoRA's run
+        train.main(["--task", "gsm8k", "--model", tiny_model_dir, "--data-dir", gsm8k_dir, "--output-dir", out,
+                    "--batch-size", "8", "--micro-batch-size", "4", "--max-len", "64", "--lr", "5e-2", "--method", "lora",
+                    "--rank", "8", "--dropout", "0.1", "--save-every", "1", "--max-steps", "2", "--resume"])
+    assert snapshot(out) == before
+    assert str(e.value).splitlines()[1:] == ["--method: run has idlora, resume asks lora", "--k: run has 2, resume asks unset",
+                                             "--boost: run has 2, resume asks unset",
+                                             "--selection: run has random, resume asks unset"]
+
+
+def test_a_resume_that_extends_max_steps_continues_and_is_recorded(tmp_path, two_steps, tiny_model_dir, gsm8k_dir, capsys):
+    out = copy_run(two_steps, tmp_path)
+    started = json.load(open(os.path.join(out, "args.json")))
+    assert (started["max_steps"], started["world"], started["resumes"]) == (2, 1, [])
+    train.main(base_argv(tiny_model_dir, gsm8k_dir, out, "--max-steps", "4") + ["--resume"])
+    assert "changed, and recorded in args.json: --max-steps 2 -> 4" in capsys.readouterr().out
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # the linear decay is recomputed over the new total: step 3 runs at 5e-2 * (1 - 2/4)
+    assert [r["lr"] for r in rows] == pytest.approx([5e-2, 5e-2 / 2, 5e-2 / 2, 5e-2 / 4])
+    # a second resume compares with the run as the first left it (4 steps), and records only its own change
+    train.main(base_argv(tiny_model_dir, gsm8k_dir, out, "--max-steps", "4", "--save-every", "2") + ["--resume"])
+    saved = json.load(open(os.path.join(out, "args.json")))
+    resumes = saved.pop("resumes")
+    assert saved == {k: v for k, v in started.items() if k != "resumes"}          # the run's settings, as they were
+    # (the copy also moved the run: its new folder is recorded once, as the run's from then on)
+    assert [(r["step"], r["world"], r["changed"]) for r in resumes] == [
+        (2, 1, {"max_steps": [2, 4], "output_dir": [two_steps, out]}), (4, 1, {"save_every": [1, 2]})]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", r["date"]) for r in resumes)
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+
+
+def test_runs_from_before_the_check_still_resume(tmp_path, two_steps, tiny_model_dir, gsm8k_dir, capsys):
+    """An args.json written before "world", "resumes" and a later flag (here --kmeans-iters) existed:
+    the missing flag ran as its default, so the default resumes and another value refuses."""
+    out = copy_run(two_steps, tmp_path / "old")
+    old = json.load(open(os.path.join(out, "args.json")))
+    for key in ("world", "resumes", "kmeans_iters"):
+        del old[key]
+    with open(os.path.join(out, "args.json"), "w") as f:
+        json.dump(old, f, indent=1)
+    with pytest.raises(SystemExit, match="--kmeans-iters: run has 20, resume asks 5"):
+        train.main(base_argv(tiny_model_dir, gsm8k_dir, out, "--max-steps", "3", "--kmeans-iters", "5") + ["--resume"])
+    train.main(base_argv(tiny_model_dir, gsm8k_dir, out, "--max-steps", "3") + ["--resume"])
+    saved = json.load(open(os.path.join(out, "args.json")))
+    assert [(r["step"], r["changed"]) for r in saved.pop("resumes")] == [(2, {"max_steps": [2, 3], "output_dir": [two_steps, out]})]
+    assert saved == old and [r["step"] for r in metrics(out)] == [1, 2, 3]
+
+    # A run with no args.json at all: one line says the flags cannot be checked, and it resumes.
+    out = copy_run(two_steps, tmp_path / "none")
+    os.remove(os.path.join(out, "args.json"))
+    capsys.readouterr()
+    train.main(base_argv(tiny_model_dir, gsm8k_dir, out, "--max-steps", "3") + ["--resume"])
+    assert f"note: {out} has no args.json, so this resume cannot check that its flags are the run's" in capsys.readouterr().out
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3] and not os.path.exists(os.path.join(out, "args.json"))
+
+
+def test_what_a_resume_compares_by_meaning(tmp_path):
+    """The device by its kind (torchrun gives each rank its own cuda:N) and --parallel, which
+    follows the process count, may change; a CPU run resumed on a GPU may not (--dtype auto
+    would mean bf16 there)."""
+    args = train.parse_args(["--output-dir", str(tmp_path), "--device", "cuda"])
+    train.write_args(str(tmp_path), args, None, 0)
+    args.resume, args.device, args.parallel = True, "cuda:1", "ddp"
+    saved, changed = train.check_resume(args)
+    assert changed == {"device": ["cuda", "cuda:1"], "parallel": [None, "ddp"]} and saved["world"] == 1
+    args.device = "cpu"
+    with pytest.raises(ValueError) as e:
+        train.check_resume(args)
+    assert str(e.value).splitlines()[1:] == ["--device: run has cuda, resume asks cpu"]
+
+
 def test_a_run_killed_before_its_first_checkpoint_starts_afresh(tmp_path, tiny_model_dir, gsm8k_dir, monkeypatch):
     """A crash (not Ctrl-C: nothing is saved) in step 2 leaves step 1's row and no state.pt; the
     rerun starts at step 0 and its metrics.jsonl holds each step once, as an uninterrupted run's."""
@@ -274,19 +428,68 @@ def test_clear_errors(tmp_path, tiny_model_dir, gsm8k_dir):
         run(tmp_path / "new", tiny_model_dir, gsm8k_dir, "--resume")
     with pytest.raises(SystemExit):
         train.parse_args(["--task", "math"])
-    with pytest.raises(SystemExit, match=r"error: no such file: .*nothing.jsonl"):
-        run(tmp_path, tiny_model_dir, gsm8k_dir, "--train-file", str(tmp_path / "nothing.jsonl"))
-    (tmp_path / "bad.jsonl").write_text('{"prompt": "x", "completion": "y"}\n')
-    with pytest.raises(SystemExit, match=r"error: .*bad.jsonl: record 1 has neither question/answer nor instruction/output"):
-        run(tmp_path, tiny_model_dir, gsm8k_dir, "--train-file", str(tmp_path / "bad.jsonl"))
     # a rank no layer can hold is one line, not an allocation of gigabytes (the tiny model's layers are 64 wide)
     with pytest.raises(SystemExit, match=r"error: rank 100000 does not fit model.layers.0.self_attn.q_proj of shape "
                                          r"\(64, 64\): it needs 1 <= r <= 64"):
         run(tmp_path / "big", tiny_model_dir, gsm8k_dir, "--method", "dora", "--rank", "100000")
 
 
+def test_bad_data_is_one_line(tmp_path, tiny_model_dir, gsm8k_dir):
+    """Each mistake in the data stops the run before it writes anything, with one line that names
+    the file (and the line, for one that is not JSON) or the flag to change."""
+    good = open(os.path.join(gsm8k_dir, "gsm8k", "train.jsonl")).read().splitlines(keepends=True)
+    files = {"broken.jsonl": "".join(good[:5]) + '{"question": "What is\t1?", "answer": "#### 1"}\n' + "".join(good[5:]),
+             "empty.jsonl": "", "blank.jsonl": "\n\n",
+             "fields.jsonl": good[0] + '{"question": "What is 1 plus 1?", "solution": "#### 2"}\n',
+             "dir/gsm8k/train.jsonl": "".join(good[:5]) + "{'question': 'single quotes'}\n",
+             "nofield/gsm8k/train.jsonl": good[0] + '{"question": "q", "ans": "#### 1"}\n',
+             "nothing/gsm8k/train.jsonl": ""}
+    for name, text in files.items():
+        os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
+        (tmp_path / name).write_text(text)
+    os.makedirs(tmp_path / "folder")
+    t = str(tmp_path)
+    for flags, line in [
+            (["--train-file", f"{t}/broken.jsonl"],
+             f"error: {t}/broken.jsonl, line 6: not valid JSON (Invalid control character at column 22)"),
+            (["--train-file", f"{t}/empty.jsonl"], f"error: --train-file {t}/empty.jsonl holds no records"),
+            (["--train-file", f"{t}/blank.jsonl"], f"error: --train-file {t}/blank.jsonl holds no records"),
+            (["--train-file", f"{t}/fields.jsonl"],
+             f"error: {t}/fields.jsonl: record 2 has neither question/answer nor instruction/output"),
+            (["--train-file", f"{t}/folder"],
+             f"error: --train-file {t}/folder is a folder: it takes one JSONL file (a folder of data files is --data-dir)"),
+            (["--train-file", f"{t}/nothing.jsonl"], f"error: no such file: {t}/nothing.jsonl"),
+            (["--data-dir", f"{t}/dir"], f"error: {t}/dir/gsm8k/train.jsonl, line 6: not valid JSON "
+                                         "(Expecting property name enclosed in double quotes at column 2)"),
+            (["--data-dir", f"{t}/nofield"], f"error: data: {t}/nofield/gsm8k/train.jsonl: record 2 has no 'answer' "
+                                             "field, which gsm8k needs (it has 'question', 'ans')"),
+            (["--data-dir", f"{t}/nothing"], f"error: data: gsm8k/train from {t}/nothing/gsm8k/train.jsonl holds no records"),
+            (["--max-examples", "4", "--max-len", "16"],       # the Alpaca prompt alone is longer than 16 tokens
+             "error: all 4 examples were dropped: each prompt fills --max-len 16 tokens, leaving no response token "
+             "to learn; raise --max-len")]:
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path / "out", tiny_model_dir, gsm8k_dir, *flags)
+        assert str(e.value) == line
+        assert not os.path.exists(tmp_path / "out")                # nothing written
+
+
+def test_a_broken_jsonl_line_from_the_command_line(tmp_path, tiny_model_dir):
+    """The issue's case as a user meets it: exit status 1 and one line on stderr."""
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"question": "q", "answer": "#### 1"}\n' * 5 + '{"question": "What is\t1?", "answer": "#### 1"}\n')
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "train.py", "--model", tiny_model_dir, "--train-file", str(path),
+                        "--output-dir", str(tmp_path / "out")], cwd=root, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1
+    assert p.stderr == f"error: {path}, line 6: not valid JSON (Invalid control character at column 22)\n"
+
+
 @pytest.mark.parametrize("argv, msg", [(["--rank", "0"], "--rank must be at least 1"),
                                        (["--method", "moelora", "--k", "0"], "--k must be at least 1"),
+                                       (["--micro-batch-size", "0"], "--micro-batch-size must be at least 1"),
+                                       (["--save-every", "0"], "--save-every must be at least 1"),
+                                       (["--max-examples", "0"], "--max-examples must be at least 1"),
+                                       (["--epochs", "-1"], "--epochs must be above 0, got -1.0"),
                                        (["--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5")])
 def test_bad_settings_are_one_line(argv, msg, capsys):
     with pytest.raises(SystemExit):
