@@ -153,7 +153,7 @@ class HydraLoRALinear(nn.Module):
     What still differs from their code, and why:
     - Dtype. Their fine-tuning.py casts the adapter to bf16 under --bf16 (bf16 trained weights);
       here the trained tensors stay float32 and are cast to x's dtype for the forward, as for every
-      method here: the same bf16 arithmetic, without rounding each AdamW update to 8 bits.
+      method here: the same bf16 arithmetic, without rounding every AdamW update to bf16.
     - Targets. Their fine-tuning.sh adapts gate, up and down only; here the targets are the
       run's (all seven projections by default), as the paper's Table 6 counts HydraLoRA.
     - Load balancing: none here, none in effect there. Their forward returns a balancing term
@@ -184,7 +184,8 @@ class HydraLoRALinear(nn.Module):
         A = self.A.T.to(dt)                                          # (d_in, r)
         if self.training and self.dropout.p > 0:
             # One mask per head: k dropped copies of x, all through the shared A in one matmul.
-            # Costs k times the A-side FLOPs and keeps the k copies for the backward.
+            # Costs k times the random draws and the A-side FLOPs, and the backward keeps the k
+            # copies and their masks (on a CPU the draws are most of the extra time).
             z = (dropped_copies(self.dropout, h, self.k) @ A).movedim(0, -2)    # (..., k, r) A x'_i
         else:
             z = (h @ A).unsqueeze(-2)                                # (..., 1, r) A x, the same for every head
@@ -208,10 +209,10 @@ class MoELoRALinear(nn.Module):
       this reading: its 88,866,816 for r=8 on LLaMA-3-8B is 4 experts of rank 8 (split, r=8 would
       give 25,952,256).
     - Gate. Theirs is per task: softmax(W_g e_t) of a learned embedding e_t of the example's task
-      id, one weight vector per example, never reading x (its softmax in the gate's dtype; here
-      in float32, as HydraLoRA's). Here it is per token on x, because
-      Table 6's 4 d_in router numbers per layer are a map from x, and a task id is not an input
-      of these runs.
+      id, one weight vector per example that never reads x (so they can merge per task), its
+      softmax in the gate's dtype. Here it is per token on x, softmax in float32 as HydraLoRA's,
+      because Table 6's 4 d_in router numbers per layer are a map from x, and a task id is not
+      an input of these runs.
     - Init. Their A_i are N(0, 0.01); here Kaiming-uniform as every A here (std 1/sqrt(3 d_in):
       0.009 at LLaMA-3-8B's d_in = 4096, 0.024 at SmolLM2's 576), so that the methods differ in
       structure only. B_i = 0 in both, so the start is the base model either way.
@@ -242,7 +243,8 @@ class MoELoRALinear(nn.Module):
         w = torch.softmax(h @ self.router.T.to(dt), dim=-1, dtype=torch.float32).to(dt)   # (..., k)
         if self.training and self.dropout.p > 0:
             # One mask per expert: k dropped copies of x (k, N, d_in), copy i through A_i, in one
-            # batched matmul. The FLOPs are those of the shared path; the k copies are kept for the backward.
+            # batched matmul. The FLOPs are the shared path's; the random draws are k times as
+            # many, and the backward keeps the k copies and their masks.
             X = dropped_copies(self.dropout, h, self.k).reshape(self.k, -1, h.shape[-1])
             z = X @ self.A.mT.to(dt)                                 # (k, N, r) A_i x'_i
             z = z.movedim(0, 1).reshape(*h.shape[:-1], self.k, self.r)        # (..., k, r)
