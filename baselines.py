@@ -20,9 +20,14 @@ r d_in + k r d_out + k d_in; MoELoRA k r (d_in + d_out) + k d_in.
 Every layer here follows idlora.py's conventions, so idlora.py patches, freezes, saves and loads
 it: it wraps the frozen nn.Linear as `self.base`; its own tensors are direct parameters named as
 they are saved (A, B, m, router); B starts at zero, so the patched model is the base model
-exactly. Trainable tensors are float32 master weights; the forward computes the update in x's
-dtype (a bf16 model computes its adapter in bf16), or in float32 when the layer's `fp32` is True.
-On a float32 model the two are one computation.
+exactly. Trainable tensors are float32 master weights (float64 on a float64 layer: never less
+precise than the base); the forward computes the update in x's dtype (a bf16 model computes its
+adapter in bf16), or in float32 when the layer's `fp32` is True. On a float32 model the two are
+one computation.
+
+Dropout acts on the adapter's input x. HydraLoRA and MoELoRA draw one mask per head or expert in
+training, as their authors' code does (it calls dropout once per head or expert); without dropout
+(eval, or p = 0) every head sees the same x, and x goes through the A's in one matmul.
 
     python baselines.py     # Table 6: trainable parameters of all five methods on LLaMA-3-8B (meta device)
 """
@@ -45,6 +50,18 @@ from idlora import TARGETS, find_targets, patch
 def compute_dtype(layer, x):
     """The dtype a layer computes its update in: x's, or float32 with layer.fp32."""
     return torch.float32 if layer.fp32 else x.dtype
+
+
+def master_dtype(base):
+    """The dtype of a layer's trainable tensors: float32, or the base's when that is wider (float64)."""
+    return torch.promote_types(torch.float32, base.weight.dtype)
+
+
+def dropped_copies(dropout, h, k):
+    """k independent dropout draws of h: (..., d_in) -> (k, ..., d_in). The expanded view costs
+    nothing, and dropout's output has a value, and so a mask entry, for every element of the k
+    copies: copy i is dropout_i(x)."""
+    return dropout(h.expand(k, *h.shape))
 
 
 def head_matrix(B, scaling, dtype):
@@ -75,8 +92,9 @@ class DoRALinear(nn.Module):
         self.r, self.alpha = r, alpha
         self.scaling = alpha / r
         self.fp32 = False
-        self.A = nn.Parameter(torch.empty(r, d_in, device=dev))       # (r, d_in), Kaiming
-        self.B = nn.Parameter(torch.zeros(d_out, r, device=dev))      # (d_out, r), 0
+        kw = dict(device=dev, dtype=master_dtype(base))
+        self.A = nn.Parameter(torch.empty(r, d_in, **kw))             # (r, d_in), Kaiming
+        self.B = nn.Parameter(torch.zeros(d_out, r, **kw))            # (d_out, r), 0
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         # m: (d_out,), the norms the forward computes while B = 0, so m / n = 1 exactly at init
         self.m = nn.Parameter(self.weight_norm(base.weight.dtype))
@@ -85,14 +103,15 @@ class DoRALinear(nn.Module):
 
     @torch.no_grad()
     def weight_norm(self, dtype):
-        """n = ||W0 + s B A|| per output row, (d_out,) float32, without gradient. Expanded as
+        """n = ||W0 + s B A|| per output row, (d_out,) in the master dtype (float32, or float64 on
+        a float64 layer), without gradient. Expanded as
             n^2 = ||W0||^2 + 2s rowdot(B, W0 A^T) + s^2 rowdot(B A A^T, B)
         so that no (d_out, d_in) matrix is built: the one big product is W0 A^T (d_out, r), in
         `dtype`. On a 14336 x 4096 layer, 1 CPU thread: 0.21 s against 0.68 s for forming
         W0 + s B A (same norms within 4e-7)."""
         s, A, B = self.scaling, self.A, self.B
-        W0A = (self.base.weight.to(dtype) @ A.T.to(dtype)).float()            # (d_out, r)
-        n2 = torch.linalg.vector_norm(self.base.weight, dim=1, dtype=torch.float32).square()
+        W0A = (self.base.weight.to(dtype) @ A.T.to(dtype)).to(A.dtype)       # (d_out, r)
+        n2 = torch.linalg.vector_norm(self.base.weight, dim=1, dtype=A.dtype).square()
         n2 = n2 + 2 * s * (B * W0A).sum(1) + s * s * ((B @ (A @ A.T)) * B).sum(1)
         return n2.clamp_min(0).sqrt()
 
@@ -101,7 +120,7 @@ class DoRALinear(nn.Module):
         if self.merged:
             return y
         dt = compute_dtype(self, x)
-        mn = self.m / self.weight_norm(dt)                 # (d_out,) m / n, float32
+        mn = self.m / self.weight_norm(dt)                 # (d_out,) m / n, master dtype
         h = x.to(dt)
         if self.training and self.dropout.p > 0:
             h = self.dropout(h)
@@ -116,7 +135,7 @@ class DoRALinear(nn.Module):
     def merge(self):
         """Fold the layer into W0 (for inference): W0 <- m (W0 + s B A) / n; the adapter is then skipped."""
         if not self.merged:
-            W = self.base.weight.float() + (self.scaling * self.B) @ self.A
+            W = self.base.weight.to(self.A.dtype) + (self.scaling * self.B) @ self.A
             W *= (self.m / torch.linalg.vector_norm(W, dim=1))[:, None]
             self.base.weight.copy_(W)
             self.merged = True
@@ -124,24 +143,35 @@ class DoRALinear(nn.Module):
 
 class HydraLoRALinear(nn.Module):
     """HydraLoRA: one A shared by k heads B_i, mixed per token by a softmax router:
-        y = W0 x + b + s sum_i w_i B_i A dropout(x),   w = softmax(W_g x)   (k,)
-    As the authors' code (the Linear class of HydraLoRA/peft/tuners/lora.py): A (r, d_in) and the
-    router W_g (k, d_in), a bias-free nn.Linear(d_in, k), both with nn.Linear's Kaiming-uniform
-    init; every B_i (d_out, r) zero; the router reads x without dropout, its softmax in float32.
-    Their optional load-balancing loss is computed only when the forward is given each example's
-    task type; it is not implemented. Not mergeable: w depends on x."""
+        y = W0 x + b + s sum_i w_i B_i A dropout_i(x),   w = softmax(W_g x)   (k,)
+    As the authors' code (the Linear class of Clin0212/HydraLoRA, HydraLoRA/peft/tuners/lora.py):
+    A (r, d_in) and the router W_g (k, d_in), a bias-free nn.Linear(d_in, k), both with
+    nn.Linear's Kaiming-uniform init; every B_i (d_out, r) zero; s = alpha/r; the router reads x
+    without dropout, its softmax in float32; each head drops x with its own mask (their loop calls
+    dropout once per head). Not mergeable: w depends on x.
+
+    What still differs from their code, and why:
+    - Dtype. Their fine-tuning.py casts the adapter to bf16 under --bf16 (bf16 trained weights);
+      here the trained tensors stay float32 and are cast to x's dtype for the forward, as for every
+      method here: the same bf16 arithmetic, without rounding every AdamW update to bf16.
+    - Targets. Their fine-tuning.sh adapts gate, up and down only; here the targets are the
+      run's (all seven projections by default), as the paper's Table 6 counts HydraLoRA.
+    - Load balancing: none here, none in effect there. Their forward returns a balancing term
+      with its output, but in their public code it is always zero (torch.zeros(1), since their
+      commit d212d98 of 2024-11-07; before it, it needed a blc_weight that fine-tuning.py never
+      set), so nothing is added to the loss."""
 
     def __init__(self, base: nn.Linear, r, alpha, k=3, dropout=0.0):
         super().__init__()
         d_out, d_in = base.weight.shape
-        dev = base.weight.device
+        kw = dict(device=base.weight.device, dtype=master_dtype(base))
         self.base = base
         self.r, self.k, self.alpha = r, k, alpha
         self.scaling = alpha / r
         self.fp32 = False
-        self.A = nn.Parameter(torch.empty(r, d_in, device=dev))            # (r, d_in), Kaiming
-        self.B = nn.Parameter(torch.zeros(k, d_out, r, device=dev))        # (k, d_out, r), 0
-        self.router = nn.Parameter(torch.empty(k, d_in, device=dev))       # (k, d_in), Kaiming
+        self.A = nn.Parameter(torch.empty(r, d_in, **kw))                 # (r, d_in), Kaiming
+        self.B = nn.Parameter(torch.zeros(k, d_out, r, **kw))             # (k, d_out, r), 0
+        self.router = nn.Parameter(torch.empty(k, d_in, **kw))            # (k, d_in), Kaiming
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout)
@@ -151,31 +181,56 @@ class HydraLoRALinear(nn.Module):
         dt = compute_dtype(self, x)
         h = x.to(dt)
         w = torch.softmax(h @ self.router.T.to(dt), dim=-1, dtype=torch.float32).to(dt)   # (..., k)
-        z = self.dropout(h) @ self.A.T.to(dt)                                             # (..., r)   A x'
-        u = (w.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)          # (..., k*r) [w_1 A x' | ... | w_k A x']
+        A = self.A.T.to(dt)                                          # (d_in, r)
+        if self.training and self.dropout.p > 0:
+            # One mask per head: k dropped copies of x, all through the shared A in one matmul.
+            # Costs k times the random draws and the A-side FLOPs, and the backward keeps the k
+            # copies and their masks (on a CPU the draws are most of the extra time).
+            z = (dropped_copies(self.dropout, h, self.k) @ A).movedim(0, -2)    # (..., k, r) A x'_i
+        else:
+            z = (h @ A).unsqueeze(-2)                                # (..., 1, r) A x, the same for every head
+        u = (w.unsqueeze(-1) * z).flatten(-2)        # (..., k*r) [w_1 A x'_1 | ... | w_k A x'_k]
         dy = u @ head_matrix(self.B, self.scaling, dt).T             # (..., d_out)
         return y + dy.to(y.dtype)
 
 
 class MoELoRALinear(nn.Module):
     """MoELoRA: k LoRA experts (A_i, B_i) mixed per token by a dense softmax router:
-        y = W0 x + b + s sum_i w_i B_i A_i dropout(x),   w = softmax(W_g x)   (k,)
+        y = W0 x + b + s sum_i w_i B_i A_i dropout_i(x),   w = softmax(W_g x)   (k,)
     The paper counts 4r(d_in + d_out) + 4 d_in per layer (its Table 6): 4 experts of rank r and a
-    router of 4 x d_in, i.e. a per-token router on x (MOELoRA's own gate reads a task embedding,
-    which a per-token count cannot have). Each A_i is Kaiming and each B_i zero, as in LoRA; the
-    router as HydraLoRA's. Every expert is used for every token (no top-k). Not mergeable."""
+    router of 4 x d_in on x. Each A_i is Kaiming and each B_i zero, as in LoRA; the router as
+    HydraLoRA's. Every expert is used for every token (no top-k), and each drops x with its own mask
+    (the authors' loop calls dropout once per expert). Not mergeable.
+
+    What differs from the authors' code (Liuqidong07/MOELoRA-peft, MMOELoraLinear in
+    src/MLoRA/peft/tuners/mmoelora.py), and why:
+    - Rank and scale. Their r is the total rank, split into k experts of r/k each, with scale
+      alpha/r for every expert; here r is each expert's rank and the scale alpha/r. Table 6 fixes
+      this reading: its 88,866,816 for r=8 on LLaMA-3-8B is 4 experts of rank 8 (split, r=8 would
+      give 25,952,256).
+    - Gate. Theirs is per task: softmax(W_g e_t) of a learned embedding e_t of the example's task
+      id, one weight vector per example that never reads x (so they can merge per task), its
+      softmax in the gate's dtype. Here it is per token on x, softmax in float32 as HydraLoRA's,
+      because Table 6's 4 d_in router numbers per layer are a map from x, and a task id is not
+      an input of these runs.
+    - Init. Their A_i are N(0, 0.01); here Kaiming-uniform as every A here (std 1/sqrt(3 d_in):
+      0.009 at LLaMA-3-8B's d_in = 4096, 0.024 at SmolLM2's 576), so that the methods differ in
+      structure only. B_i = 0 in both, so the start is the base model either way.
+    - Dtype. They cast x to the experts' weight dtype and compute there (float32 experts on a
+      half model compute in float32, as fp32=True here); here the default computes in x's dtype,
+      as for every method here."""
 
     def __init__(self, base: nn.Linear, r, alpha, k=4, dropout=0.0):
         super().__init__()
         d_out, d_in = base.weight.shape
-        dev = base.weight.device
+        kw = dict(device=base.weight.device, dtype=master_dtype(base))
         self.base = base
         self.r, self.k, self.alpha = r, k, alpha
         self.scaling = alpha / r
         self.fp32 = False
-        self.A = nn.Parameter(torch.empty(k, r, d_in, device=dev))         # (k, r, d_in), Kaiming each
-        self.B = nn.Parameter(torch.zeros(k, d_out, r, device=dev))        # (k, d_out, r), 0
-        self.router = nn.Parameter(torch.empty(k, d_in, device=dev))       # (k, d_in), Kaiming
+        self.A = nn.Parameter(torch.empty(k, r, d_in, **kw))              # (k, r, d_in), Kaiming each
+        self.B = nn.Parameter(torch.zeros(k, d_out, r, **kw))             # (k, d_out, r), 0
+        self.router = nn.Parameter(torch.empty(k, d_in, **kw))            # (k, d_in), Kaiming
         for A_i in self.A:                        # per expert: fan-in d_in, as k separate LoRA A's
             nn.init.kaiming_uniform_(A_i, a=math.sqrt(5))
         nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))
@@ -186,8 +241,16 @@ class MoELoRALinear(nn.Module):
         dt = compute_dtype(self, x)
         h = x.to(dt)
         w = torch.softmax(h @ self.router.T.to(dt), dim=-1, dtype=torch.float32).to(dt)   # (..., k)
-        z = self.dropout(h) @ self.A.flatten(0, 1).T.to(dt)          # (..., k*r) [A_1 x' | ... | A_k x']
-        u = (z.unflatten(-1, (self.k, self.r)) * w.unsqueeze(-1)).flatten(-2)   # [w_1 A_1 x' | ...]
+        if self.training and self.dropout.p > 0:
+            # One mask per expert: k dropped copies of x (k, N, d_in), copy i through A_i, in one
+            # batched matmul. The FLOPs are the shared path's; the random draws are k times as
+            # many, and the backward keeps the k copies and their masks.
+            X = dropped_copies(self.dropout, h, self.k).reshape(self.k, -1, h.shape[-1])
+            z = X @ self.A.mT.to(dt)                                 # (k, N, r) A_i x'_i
+            z = z.movedim(0, 1).reshape(*h.shape[:-1], self.k, self.r)        # (..., k, r)
+        else:
+            z = (h @ self.A.flatten(0, 1).T.to(dt)).unflatten(-1, (self.k, self.r))   # (..., k, r) A_i x
+        u = (z * w.unsqueeze(-1)).flatten(-2)        # (..., k*r) [w_1 A_1 x'_1 | ... | w_k A_k x'_k]
         dy = u @ head_matrix(self.B, self.scaling, dt).T             # (..., d_out)
         return y + dy.to(y.dtype)
 

@@ -7,6 +7,8 @@ measured side by side on one model, batch and machine.
     python experiments/bench.py --only params,train,infer --batch 2 --seq-len 128 --repeats 7
     python experiments/bench.py --configs base,lora:16,idlora:128:4:2,idlora:64:4:1
     python experiments/bench.py --only params,train,infer --configs base,lora:16,dora,hydralora,moelora,idlora
+    python experiments/bench.py --only train --configs base,lora:16,hydralora,moelora --train-dropouts 0.05,0 --threads 1
+                                                                   # what dropout costs (per-head masks vs the single path)
     python experiments/bench.py --only cluster,cache,kmeans        # PMRC: LLaMA-3-8B shapes, cache, k-means settings
     python experiments/bench.py --device cuda --model-config llama-3-8b --batch 4 --seq-len 512   # the 8B on a GPU (random bf16 weights)
     python experiments/bench.py --device meta --model-config llama-3-8b --only params             # 8B counts, no memory used
@@ -35,7 +37,8 @@ Sections (--only, comma-separated; default all):
     memory   peak memory of a training step, each configuration in a fresh process: CUDA peak
              allocated on a GPU; on a CPU the peak RSS (VmHWM, reset just before the step) minus the
              RSS before it
-    train    training step time (forward, backward, AdamW step) and tokens/s
+    train    training step time (forward, backward, AdamW step) and tokens/s; with --train-dropouts,
+             each configuration at each dropout rate, in the same rounds
     infer    forward latency of a batch (no grad, full logits) and greedy generation tokens/s with
              the KV cache (prefill included); LoRA and DoRA unmerged and merged
     ops      the CPU-measurable proxy of GPU cost: operator calls and bytes allocated by ONE adapted
@@ -521,30 +524,38 @@ def section_memory(configs, args):
 
 def section_train(model, ad, configs, args):
     print("## Training step (forward, backward, AdamW step)\n")
-    names = [c.name for c in configs if c.method != "base"]
-    ref = train_ref(configs)
+    # Each configuration at each dropout rate of --train-dropouts (default: --dropout alone), all in
+    # the same interleaved rounds; a rate is set on the configuration's layers before its step.
+    ps = args.train_dropouts or [args.dropout]
+    label = lambda n, p: n if len(ps) == 1 else f"{n} p={p:g}"
+    runs = {label(c.name, p): (c.name, p) for c in configs if c.method != "base" for p in ps}
+    ref = train_ref(configs) and label(train_ref(configs), ps[0])
     sync = make_sync(args.device)
     ids = token_ids(model, args.batch, args.seq_len, args.seed).to(args.device)
-    opts = {n: torch.optim.AdamW(ad.params(n), lr=1e-4) for n in names}
+    opts = {n: torch.optim.AdamW(ad.params(n), lr=1e-4) for n, _ in runs.values()}
     model.train()
 
-    def step(n):
+    def step(run):
+        n, p = runs[run]
         ad.use(n)
+        for m in ad.sets[n].values():
+            m.dropout.p = p
         f, b, o = train_step(model, opts[n], ids, sync)
         return dict(step=f + b + o, fwd=f, bwd=b, opt=o)
 
-    res = interleaved(names, step, args.repeats, args.warmup)
+    res = interleaved(list(runs), step, args.repeats, args.warmup)
     ad.use("base")
     rows = []
-    for n, r in res.items():
+    for run, r in res.items():
         ratio = f"{paired_ratio(r['step'], res[ref]['step']):.3f}" if ref in res else ""
-        rows.append([n, f"{med(r['step']):.3f}", ratio, spread(r["step"]),
+        vs_p = [f"{paired_ratio(r['step'], res[label(runs[run][0], ps[-1])]['step']):.3f}"] if len(ps) > 1 else []
+        rows.append([run, f"{med(r['step']):.3f}", ratio, *vs_p, spread(r["step"]),
                      f"{args.batch * args.seq_len / med(r['step']):,.0f}",
                      f"{med(r['fwd']):.3f}", f"{med(r['bwd']):.3f}", f"{med(r['opt']) * 1e3:.1f}"])
-    table(["config", "step s (median)", f"vs {ref}", "range s", "tokens/s", "forward s", "backward s",
-           "AdamW ms"], rows)
+    table(["config", "step s (median)", f"vs {ref}", *([f"vs p={ps[-1]:g}"] if len(ps) > 1 else []), "range s",
+           "tokens/s", "forward s", "backward s", "AdamW ms"], rows)
     print(f"Batch {args.batch} x {args.seq_len} tokens, gradient checkpointing "
-          f"{'on' if args.grad_ckpt else 'off'}, dropout {args.dropout}; {args.repeats} interleaved "
+          f"{'on' if args.grad_ckpt else 'off'}, dropout {', '.join(f'{p:g}' for p in ps)}; {args.repeats} interleaved "
           f"rounds after {args.warmup} warm-up round(s); 'vs' is the median of per-round ratios.\n")
 
 
@@ -1047,6 +1058,8 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=128, help="tokens per example for training, forward and memory")
     p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false", help="gradient checkpointing off (train.py's default is on)")
     p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--train-dropouts", help="train section: comma-separated dropout rates, each configuration timed at "
+                                            "each in the same interleaved rounds, e.g. 0.05,0 (default: --dropout)")
     p.add_argument("--targets", default=",".join(idlora.TARGETS))
     p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (train, infer)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
@@ -1079,6 +1092,10 @@ def parse_args(argv=None):
     if bad:
         p.error(f"unknown section(s) {bad}; choose from {','.join(SECTIONS)}")
     args.cluster_jobs = sorted({int(x) for x in args.cluster_jobs.split(",")})
+    try:
+        args.train_dropouts = [float(x) for x in args.train_dropouts.split(",")] if args.train_dropouts else None
+    except ValueError:
+        p.error(f"--train-dropouts {args.train_dropouts!r}: give rates like 0.05,0")
     args.selection = args.selection or ("random" if args.model_config else "cluster")
     if torch.device(args.device).type == "meta" and set(args.only) - {"params"}:
         p.error("--device meta measures nothing but parameters: use --only params")

@@ -4,6 +4,7 @@ base-dtype path's savings. Timings here mean nothing; the code paths are what is
 
 import json
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -41,3 +42,17 @@ def test_op_proxy_sees_fewer_ops_and_bytes_in_the_base_dtype_path():
         calls, compute, allocated = bf16[phase]
         assert compute <= fp32[phase][1] and allocated < fp32[phase][2] / 1.4, (phase, bf16, fp32)
         assert 0 < compute < calls
+
+
+def test_train_section_times_each_config_at_each_dropout(tiny_model_dir, capsys):
+    """--train-dropouts 0.05,0: every configuration at both rates in the same rounds, each row's
+    'vs p=0' the paired ratio to its own configuration at p=0 (1 for the p=0 rows themselves)."""
+    bench.main(["--only", "train", "--model", tiny_model_dir, "--dtype", "fp32", "--device", "cpu",
+                "--configs", "base,lora:4,hydralora:4:3", "--train-dropouts", "0.05,0", "--cluster-cache", "",
+                "--batch", "1", "--seq-len", "8", "--repeats", "1", "--warmup", "0", "--threads", "1"])
+    rows = [l.split(" | ") for l in capsys.readouterr().out.splitlines() if l.startswith("| ")]
+    assert rows[0][:4] == ["| config", "step s (median)", "vs lora:4 p=0.05", "vs p=0"]
+    assert [r[0] for r in rows[1:]] == ["| lora:4 p=0.05", "| lora:4 p=0", "| hydralora:4:3 p=0.05", "| hydralora:4:3 p=0"]
+    assert [r[3] for r in rows[1:] if r[0].endswith("p=0")] == ["1.000", "1.000"] and rows[1][2] == "1.000"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--train-dropouts", "0.05,none"])
