@@ -180,10 +180,11 @@ class IDLoRALinear(nn.Module):
     def forward(self, x):
         y = self.base(x)                                   # (..., d_out) = W0 x + b
         dt = torch.float32 if self.fp32 else y.dtype
-        # z_i = A_i x = (W0 x)[J_i]: a gather, with index_select on the flat indices, whose backward
-        # is an index_add_ (indexing as y[..., idx] would sort the indices in every backward).
+        # z_i = A_i x = (W0 x)[J_i]: a gather of k*r columns of y. torch.gather, not index_select or
+        # y[..., J]: on a CPU their bf16 kernels for the last dimension are 2.5-4x slower (SmolLM2's
+        # q_proj, 256 tokens: 150 us against 559 us for index_select; results/bench.md, "layer").
         J = self.idx.flatten()                             # (k*r,)
-        z = y.index_select(-1, J)                          # (..., k*r)
+        z = torch.gather(y, -1, J.expand(*y.shape[:-1], -1))             # (..., k*r)
         if self.base.bias is not None:
             z = z - self.base.bias[J]                      # A_i x has no bias
         z = self.dropout(z.to(dt)).unflatten(-1, (self.k, self.r))          # (..., k, r)
