@@ -149,8 +149,39 @@ def cluster_rows(weight, k, r, selection="cluster", seed=0, n_init=1, max_iter=2
 # update in float32 and casts it back (peft's convention): a few more bits, more memory traffic.
 # On a float32 model the two are the same computation.
 #
-# The update is added to y inside its last GEMM: torch.addmm(y, h, B.T, alpha=alpha/r) scales and
-# adds in the GEMM's epilogue, so no separate (tokens, d_out) tensor is made for it.
+# The update is added into y in place, inside its last GEMM: y.addmm_(h, B.T, alpha=alpha/r) scales
+# and adds in the GEMM's epilogue, so the layer makes no (tokens, d_out) tensor beyond the frozen
+# layer's own y: no copy of y, no separate update. Autograd allows it because nothing saves y for
+# the backward (the frozen matmul saves x; ID-LoRA's gather saves only its indices, see gather_columns).
+
+
+def add_update(y, h, B, scaling, dt):
+    """y += scaling * [h_1 B^T | ... | h_m B^T] in place, h: (T*m, r/m), y: (..., d_out) read as (T*m, d_out/m).
+    In y's dtype the GEMM adds into y itself; in float32 (fp32=True on a bf16 model) the update is
+    computed in float32 and rounded into y once. Returns y."""
+    y2 = y.view(h.shape[0], -1)        # a view, never a copy: the update must land in y itself
+    if dt == y.dtype:
+        y2.addmm_(h, B.to(dt).T, alpha=scaling)
+    else:
+        y2.add_(h @ B.to(dt).T, alpha=scaling)
+    return y
+
+
+class GatherColumns(torch.autograd.Function):
+    """z = y[..., J] by torch.gather, whose backward scatters the gradient into J's columns. Written
+    out because autograd's own gather saves all of y for its backward, and y must then stay
+    unchanged: this one saves only J, so the update can be added into y in place afterwards."""
+
+    @staticmethod
+    def forward(ctx, y, J):
+        ctx.save_for_backward(J)
+        ctx.d_out = y.shape[-1]
+        return torch.gather(y, -1, J.expand(*y.shape[:-1], -1))
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        (J,) = ctx.saved_tensors
+        return grad_z.new_zeros(*grad_z.shape[:-1], ctx.d_out).index_add_(-1, J, grad_z), None
 
 
 class IDLoRALinear(nn.Module):
@@ -180,11 +211,11 @@ class IDLoRALinear(nn.Module):
     def forward(self, x):
         y = self.base(x)                                   # (..., d_out) = W0 x + b
         dt = torch.float32 if self.fp32 else y.dtype
-        # z_i = A_i x = (W0 x)[J_i]: a gather of k*r columns of y. torch.gather, not index_select or
-        # y[..., J]: on a CPU their bf16 kernels for the last dimension are 2.5-4x slower (SmolLM2's
-        # q_proj, 256 tokens: 150 us against 559 us for index_select; results/bench.md, "layer").
+        # z_i = A_i x = (W0 x)[J_i]: a gather of k*r columns of y, by torch.gather (on a CPU the bf16
+        # kernels of index_select and y[..., J] over the last dimension are 2.5-4x slower: SmolLM2's
+        # q_proj, 256 tokens, 150 us against 559 us for index_select; results/bench.md).
         J = self.idx.flatten()                             # (k*r,)
-        z = torch.gather(y, -1, J.expand(*y.shape[:-1], -1))             # (..., k*r)
+        z = GatherColumns.apply(y, J)                      # (..., k*r)
         if self.base.bias is not None:
             z = z - self.base.bias[J]                      # A_i x has no bias
         z = self.dropout(z.to(dt)).unflatten(-1, (self.k, self.r))          # (..., k, r)
@@ -192,10 +223,7 @@ class IDLoRALinear(nn.Module):
         u = w.unsqueeze(-2) @ z                            # (..., 1, r)   sum_i w_i z_i
         # Rank boosting: B times each of the m pieces of u is ONE GEMM, (T*m, r/m) x (r/m, d_out/m),
         # and its output read as (T, d_out) is exactly [B u_1 | ... | B u_m], the layout of y.
-        m = self.boost
-        out = torch.addmm(y.to(dt).reshape(-1, y.shape[-1] // m), u.reshape(-1, self.r // m),
-                          self.B.to(dt).T, alpha=self.scaling)
-        return out.view(y.shape).to(y.dtype)
+        return add_update(y, u.reshape(-1, self.r // self.boost), self.B, self.scaling, dt)
 
 
 class LoRALinear(nn.Module):
@@ -221,9 +249,7 @@ class LoRALinear(nn.Module):
             return y
         dt = torch.float32 if self.fp32 else y.dtype
         h = self.dropout(x.to(dt)) @ self.A.to(dt).T       # (..., r)
-        out = torch.addmm(y.to(dt).reshape(-1, y.shape[-1]), h.reshape(-1, self.r), self.B.to(dt).T,
-                          alpha=self.scaling)              # y + (alpha/r) B h, in one GEMM
-        return out.view(y.shape).to(y.dtype)
+        return add_update(y, h.reshape(-1, self.r), self.B, self.scaling, dt)   # y + (alpha/r) B h
 
     @torch.no_grad()
     def merge(self):
