@@ -45,7 +45,7 @@ from tqdm import tqdm
 import baselines
 import data
 import idlora
-from train import EMBEDDED, Help, format_prompt, load_model
+from train import EMBEDDED, Help, decoder_layers, format_prompt, load_model
 
 TASKS = ("gsm8k", "humaneval", "mmlu", "csqa", "hexphi")
 LETTERS = "ABCDE"
@@ -679,6 +679,8 @@ def parse_args(argv=None):
     p.add_argument("--exec-timeout", type=float, default=10.0, help="seconds of wall time per HumanEval sample")
     p.add_argument("--exec-jobs", type=int, default=min(4, os.cpu_count() or 1), help="HumanEval samples run at once")
     p.add_argument("--seed", type=int, default=0, help="HumanEval sampling seed")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (off by default: on a 2-core CPU "
+                   "compiling took minutes, and generation's changing shapes compile again; results/bench.md)")
     args = p.parse_args(argv)
     for name in ("batch_size", "max_new_tokens", "n_samples", "exec_jobs"):
         if getattr(args, name) < 1:
@@ -717,6 +719,9 @@ def load(args):
     if args.adapter:
         rep = baselines.load_adapter(model, args.adapter)
         print(f"adapter {args.adapter}: {rep['method']}, {rep['modules']} modules")
+    if args.compile:                  # each decoder layer, as train.py --compile does
+        for layer in decoder_layers(model):
+            layer.compile()
     return model, tok
 
 

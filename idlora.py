@@ -151,20 +151,35 @@ def cluster_rows(weight, k, r, selection="cluster", seed=0, n_init=1, max_iter=2
 #
 # The update is added into y in place, inside its last GEMM: y.addmm_(h, B.T, alpha=alpha/r) scales
 # and adds in the GEMM's epilogue, so the layer makes no (tokens, d_out) tensor beyond the frozen
-# layer's own y: no copy of y, no separate update. Autograd allows it because nothing saves y for
-# the backward (the frozen matmul saves x; ID-LoRA's gather saves only its indices, see gather_columns).
+# layer's own y: no copy of y, no separate update (AddUpdate). Autograd allows it because nothing
+# saves y for the backward (the frozen matmul saves x; ID-LoRA's gather saves only its indices,
+# GatherColumns).
 
 
-def add_update(y, h, B, scaling, dt):
-    """y += scaling * [h_1 B^T | ... | h_m B^T] in place, h: (T*m, r/m), y: (..., d_out) read as (T*m, d_out/m).
-    In y's dtype the GEMM adds into y itself; in float32 (fp32=True on a bf16 model) the update is
-    computed in float32 and rounded into y once. Returns y."""
-    y2 = y.view(h.shape[0], -1)        # a view, never a copy: the update must land in y itself
-    if dt == y.dtype:
-        y2.addmm_(h, B.to(dt).T, alpha=scaling)
-    else:
-        y2.add_(h @ B.to(dt).T, alpha=scaling)
-    return y
+class AddUpdate(torch.autograd.Function):
+    """y += scaling * [h_1 B^T | ... | h_m B^T] in place, and returns y. h: (T*m, r/m), B: (d_out/m, r/m),
+    y: (..., d_out), read as (T*m, d_out/m). In y's dtype the GEMM adds into y itself (addmm_); in
+    float32 on a bf16 y (fp32=True) the update is computed in float32 and rounded into y once.
+    Written out because autograd's own in-place addmm_ on a view of y would, in the backward, copy
+    the whole gradient three times (its CopySlices); here y's gradient passes through untouched."""
+
+    @staticmethod
+    def forward(ctx, y, h, B, scaling):
+        ctx.save_for_backward(h, B)
+        ctx.scaling = scaling
+        y2 = y.view(h.shape[0], -1)    # a view, never a copy: the update must land in y itself
+        if h.dtype == y.dtype:
+            y2.addmm_(h, B.T, alpha=scaling)
+        else:
+            y2.add_(h @ B.T, alpha=scaling)
+        ctx.mark_dirty(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, B = ctx.saved_tensors
+        g = grad.reshape(h.shape[0], -1).to(h.dtype)                      # (T*m, d_out/m)
+        return grad, (g @ B) * ctx.scaling, (g.T @ h) * ctx.scaling, None
 
 
 class GatherColumns(torch.autograd.Function):
@@ -223,7 +238,7 @@ class IDLoRALinear(nn.Module):
         u = w.unsqueeze(-2) @ z                            # (..., 1, r)   sum_i w_i z_i
         # Rank boosting: B times each of the m pieces of u is ONE GEMM, (T*m, r/m) x (r/m, d_out/m),
         # and its output read as (T, d_out) is exactly [B u_1 | ... | B u_m], the layout of y.
-        return add_update(y, u.reshape(-1, self.r // self.boost), self.B, self.scaling, dt)
+        return AddUpdate.apply(y, u.reshape(-1, self.r // self.boost), self.B.to(dt), self.scaling)
 
 
 class LoRALinear(nn.Module):
@@ -249,7 +264,7 @@ class LoRALinear(nn.Module):
             return y
         dt = torch.float32 if self.fp32 else y.dtype
         h = self.dropout(x.to(dt)) @ self.A.to(dt).T       # (..., r)
-        return add_update(y, h.reshape(-1, self.r), self.B, self.scaling, dt)   # y + (alpha/r) B h
+        return AddUpdate.apply(y, h.reshape(-1, self.r), self.B.to(dt), self.scaling)   # y + (alpha/r) B h
 
     @torch.no_grad()
     def merge(self):

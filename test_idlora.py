@@ -213,7 +213,8 @@ class Allocations(torch.utils._python_dispatch.TorchDispatchMode):
 def test_base_dtype_path_makes_no_float32_activation(make):
     """The point of the base-dtype path: on a bf16 layer no float32 copy of x and no float32
     (tokens, d_out) tensor is made, forward or backward, while the float32 path makes them. And the
-    forward makes exactly one (tokens, d_out) tensor, the frozen layer's y: the update goes into it."""
+    forward makes exactly one (tokens, d_out) tensor, the frozen layer's y: the update goes into it;
+    the backward makes none for the update (no copy of y's gradient)."""
     T, d_in, d_out = 256, 256, 512
     torch.manual_seed(0)
     base = nn.Linear(d_in, d_out, bias=False).to(torch.bfloat16).requires_grad_(False)
@@ -227,12 +228,16 @@ def test_base_dtype_path_makes_no_float32_activation(make):
         x = torch.randn(T, d_in).to(torch.bfloat16).requires_grad_()
         with Allocations() as fwd:
             y = layer(x)
+        g = torch.randn_like(y)
         with Allocations() as bwd:
-            y.backward(torch.randn_like(y))
+            y.backward(g)
         big = lambda rec, dt: [n for d, n in rec.made if d == dt and n >= T * d_in]   # activation-sized
         assert bool(big(fwd, torch.float32) + big(bwd, torch.float32)) == fp32, (fp32, fwd.made, bwd.made)
         if not fp32:
+            # forward: only y. Backward: y's gradient passes through the update untouched; ID-LoRA's
+            # gather adds two, its scatter into zeros and the sum with the gradient that passed through
             assert [n for d, n in fwd.made if n == T * d_out] == [T * d_out], fwd.made
+            assert len([n for d, n in bwd.made if n == T * d_out]) == (2 if make == "idlora" else 0), bwd.made
 
 
 def test_zero_init_then_training_changes_only_adapters():

@@ -377,7 +377,7 @@ def decoder_layers(model):
     names = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
-        raise ValueError(f"--parallel fsdp: found no decoder layers ({sorted(names)}) in {type(model).__name__}")
+        raise ValueError(f"found no decoder layers ({sorted(names)}) in {type(model).__name__} to shard or compile")
     return layers
 
 
@@ -551,6 +551,9 @@ RESUME_MAY_CHANGE = {
     # FSDP, and FSDP's in one process, and gets one process's losses), so --parallel, which
     # defaults to ddp with more than one process, may change with it.
     "parallel",
+    # The same computation compiled (fused kernels may round the last bits differently, as the
+    # parallel modes' reductions do).
+    "compile",
 }
 # Compared by what they mean: "cuda" and "cuda:3" are the same kind of device (torchrun gives each
 # rank its own index), while cpu against cuda refuses (--dtype auto means fp32 or bf16 by device).
@@ -697,6 +700,8 @@ def parser():
                    help="compute the adapter's update in float32 and cast it back (peft's way) instead of in the "
                         "base dtype; the adapter's weights and AdamW state are float32 either way")
     p.add_argument("--no-grad-ckpt", action="store_true", help="turn gradient checkpointing off")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (off by default: on a 2-core CPU "
+                   "it took minutes to compile and did not speed up a training step; results/bench.md)")
     p.add_argument("--cluster-cache", default=os.path.join(CACHE, "rows"), help="PMRC row-index cache ('' = off)")
     p.add_argument("--cluster-jobs", type=int, default=1, help="matrices clustered in parallel processes")
     p.add_argument("--kmeans-inits", type=int, default=1, help="PMRC k-means starts per matrix (the paper gives none; "
@@ -815,6 +820,9 @@ def train(args):
     raw = model                                # what is saved; under DDP `model` is its wrapper
     if args.parallel:
         model = wrap(model, args)
+    if args.compile:                           # each decoder layer, in place (the state dict keeps its names):
+        for layer in decoder_layers(raw):      # they share their code, so one compilation serves them all
+            layer.compile()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     decay = lambda s: max(0.0, 1 - s / total)                                   # no warmup, linear decay

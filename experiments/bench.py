@@ -41,6 +41,10 @@ Sections (--only, comma-separated; default all):
              each configuration at each dropout rate, in the same rounds
     infer    forward latency of a batch (no grad, full logits) and greedy generation tokens/s with
              the KV cache (prefill included); LoRA and DoRA unmerged and merged
+    layer    one adapted layer alone (--layer-shapes: LLaMA-3-8B's and SmolLM2's; --layer-tokens;
+             --layer-dtypes): forward and forward+backward against the frozen layer and LoRA, in
+             interleaved rounds, then each operator's own CPU time (torch.profiler): where an adapter's
+             time goes when the frozen matmul is fast
     ops      the CPU-measurable proxy of GPU cost: operator calls and bytes allocated by ONE adapted
              layer of each LLaMA-3-8B shape (bf16, 4 x 512 tokens), forward and backward, for each
              arithmetic path (adapter in the base dtype, or in float32)
@@ -58,12 +62,17 @@ weights (no download) and uses --selection random by default: clustering random 
 for speed checks (the row choice does not change the cost of a gather). --layers N keeps the first
 N decoder layers only, e.g. to check that code path on a CPU.
 
-On a small CPU shared with other busy processes, time with --threads 1: with 2 OpenMP threads on 2
+--compile compiles every decoder layer (torch.compile) in the train and infer sections; the warm-up
+round, whose wall time is reported, pays the compilation.
+
+On a small CPU shared with other busy processes, time with --threads 1 (the clock is then the thread's
+CPU time, so time spent descheduled does not count): with 2 OpenMP threads on 2
 cores, a descheduled thread stalls the other at every barrier and the timings scatter by 2-3x.
 results/bench.md has the commands, tables and analysis of one such run (2-core AMD EPYC, no GPU).
 """
 
 import argparse
+import collections
 import contextlib
 import ctypes
 import gc
@@ -87,7 +96,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import baselines
 import idlora
 
-SECTIONS = ("params", "memory", "train", "infer", "ops", "cluster", "cache", "kmeans")
+SECTIONS = ("params", "memory", "train", "infer", "layer", "ops", "cluster", "cache", "kmeans")
 DEFAULT_CONFIGS = "base,lora:16,lora:32,dora:32,hydralora:16:3,moelora:8:4,idlora:128:4:2,idlora:match:4:1"
 CACHE = os.environ.get("IDLORA_CACHE", os.path.expanduser("~/.cache/idlora"))   # as train.py
 
@@ -283,6 +292,17 @@ def serving(ad, model, config, merged):
         ad.use("base")
 
 
+def compile_layers(model):
+    """torch.compile each decoder layer, as train.py --compile does. Swapping a configuration's adapters in
+    changes the layers' code, so each configuration compiles once (in the warm-up round) and keeps its
+    own entry: the cache must hold them all, or dynamo would fall back to eager without a word."""
+    import torch._dynamo
+    import train
+    torch._dynamo.config.cache_size_limit = 64
+    for layer in train.decoder_layers(model):
+        layer.compile()
+
+
 def set_fp32(modules, on):
     """Choose the adapters' arithmetic: float32 (on) or the base dtype (idlora.py, section 2)."""
     for m in modules:
@@ -295,20 +315,44 @@ def token_ids(model, batch, length, seed):
     return torch.randint(0, model.config.vocab_size, (batch, length), generator=g)
 
 
+# The clock of every timed section but PMRC's: wall time, or, on a CPU with --threads 1, this thread's
+# CPU time (set in main). With one thread every operator, the backward included, runs on the calling
+# thread, and on a shared machine the time it spends descheduled by other processes does not count
+# (contention for caches and memory bandwidth still does).
+clock = time.perf_counter
+
+
+def compiled_note(args, res):
+    """With --compile: the warm-up's wall seconds per configuration, which is when compilation happens."""
+    if not args.compile:
+        return ""
+    return (" Every decoder layer compiled (torch.compile); warm-up wall seconds, compilation included: " +
+            ", ".join(f"{n} {r['warmup'][0]:.0f}" for n, r in res.items()) + ".")
+
+
+def use_thread_clock(args):
+    return torch.device(args.device).type == "cpu" and args.threads == 1
+
+
+def clock_note(args):
+    return ("times are this thread's CPU time (1 thread: time descheduled by other processes does not count)"
+            if use_thread_clock(args) else "times are wall-clock")
+
+
 def train_step(model, opt, ids, sync):
     """One training step; returns (forward, backward, optimizer) seconds."""
     sync()
-    t0 = time.perf_counter()
+    t0 = clock()
     loss = model(input_ids=ids, labels=ids).loss
     sync()
-    t1 = time.perf_counter()
+    t1 = clock()
     loss.backward()
     sync()
-    t2 = time.perf_counter()
+    t2 = clock()
     opt.step()
     opt.zero_grad(set_to_none=True)
     sync()
-    return t1 - t0, t2 - t1, time.perf_counter() - t2
+    return t1 - t0, t2 - t1, clock() - t2
 
 
 def make_sync(device):
@@ -318,12 +362,15 @@ def make_sync(device):
 
 
 def interleaved(names, fn, repeats, warmup):
-    """{name: {key: [values]}}: fn(name) -> {key: value} run warmup rounds (discarded), then
-    `repeats` rounds in alternating order (A B C, C B A, ...)."""
+    """{name: {key: [values]}}: fn(name) -> {key: value} run warmup rounds (discarded, but their wall
+    seconds kept as "warmup": with --compile, the compilation), then `repeats` rounds in alternating
+    order (A B C, C B A, ...)."""
+    out = {n: {"warmup": [0.0]} for n in names}
     for _ in range(warmup):
         for n in names:
+            t0 = time.perf_counter()
             fn(n)
-    out = {n: {} for n in names}
+            out[n]["warmup"][0] += time.perf_counter() - t0
     for i in range(repeats):
         for n in (names if i % 2 == 0 else names[::-1]):
             log(f"  round {i + 1}/{repeats}: {n}")
@@ -556,7 +603,8 @@ def section_train(model, ad, configs, args):
            "tokens/s", "forward s", "backward s", "AdamW ms"], rows)
     print(f"Batch {args.batch} x {args.seq_len} tokens, gradient checkpointing "
           f"{'on' if args.grad_ckpt else 'off'}, dropout {', '.join(f'{p:g}' for p in ps)}; {args.repeats} interleaved "
-          f"rounds after {args.warmup} warm-up round(s); 'vs' is the median of per-round ratios.\n")
+          f"rounds after {args.warmup} warm-up round(s); 'vs' is the median of per-round ratios; "
+          f"{clock_note(args)}.{compiled_note(args, res)}\n")
 
 
 def section_infer(model, ad, configs, args):
@@ -584,13 +632,13 @@ def section_infer(model, ad, configs, args):
         merged = n.endswith(" merged")
         with serving(ad, model, n.removesuffix(" merged"), merged), torch.inference_mode():
             sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             model(input_ids=ids, use_cache=False)
             sync()
-            t1 = time.perf_counter()
+            t1 = clock()
             out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=gc_)
             sync()
-            t2 = time.perf_counter()
+            t2 = clock()
         assert out.shape[1] == args.prompt_len + args.new_tokens
         return dict(fwd=t1 - t0, gen=t2 - t1)
 
@@ -609,7 +657,8 @@ def section_infer(model, ad, configs, args):
     print(f"Forward: batch {args.batch} x {args.seq_len} tokens, no grad, full logits. Generation: batch "
           f"{gen_batch}, prompt {args.prompt_len} tokens, exactly {args.new_tokens} new tokens (greedy, KV "
           f"cache, prefill included); tokens/s counts new tokens. {args.repeats} interleaved rounds after "
-          f"{args.warmup} warm-up round(s); ratios are medians of per-round ratios (> 1 = slower).\n")
+          f"{args.warmup} warm-up round(s); ratios are medians of per-round ratios (> 1 = slower); "
+          f"{clock_note(args)}.{compiled_note(args, res)}\n")
 
 
 # Views and allocations launch no kernel: the rest of an op count is what a GPU pays per call.
@@ -689,6 +738,114 @@ def section_ops(args):
           f"included; 'compute ops' the innermost ones that do work (not views or bare allocations), "
           f"about one GPU kernel each; 'bytes allocated' what each operator allocated, net of what it "
           f"freed, summed. The frozen layer's own GEMMs are in every row.\n")
+
+
+# -----------------------------------------------------------------------------
+# One adapted layer: where an adapter's time goes when the frozen matmul is fast
+
+
+def adapted_layer(base, c, args):
+    """Configuration c around the frozen nn.Linear `base` (or base itself), through the table like a
+    whole model: `base` is the only target of a one-layer module. Every zero-initialised tensor (B)
+    is made random, so the update is not zero."""
+    if c.method == "base":
+        return base
+    holder = torch.nn.Module()
+    holder.proj = base
+    with contextlib.redirect_stdout(sys.stderr):          # a clamped rank's note
+        baselines.apply(holder, c.method, **dict(c.settings), dropout=args.dropout, targets=("proj",),
+                        selection="random", seed=args.seed, fp32=args.adapter_fp32)
+    layer = holder.proj
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name == "B":
+                p.normal_(0, 0.01)
+    return layer
+
+
+def op_times(fn):
+    """{aten op: microseconds of its own (self) CPU time} over one call of fn, summed over the op's calls.
+    An op nested in another (the copy inside an out-of-place addmm) counts apart from it."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key: e.self_cpu_time_total for e in prof.key_averages() if e.key.startswith("aten::")}
+
+
+def section_layer(args):
+    print("## One adapted layer: forward and forward+backward, and where the time goes\n")
+    # "base" first, always; idlora:match is left out (its rank is matched on a whole model's layers)
+    configs = parse_configs("base") + [c for c in parse_configs(args.configs) if c.method != "base" and c.get("r")]
+    ref = train_ref(configs)
+    g = torch.Generator().manual_seed(args.seed)
+    sync = make_sync(args.device)
+    rows, op_rows = [], []
+    for dtype_name in args.layer_dtypes:
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[dtype_name]
+        for d_out, d_in in args.layer_shapes:
+            base = torch.nn.Linear(d_in, d_out, bias=False, dtype=dtype, device=args.device).requires_grad_(False)
+            layers = {c.name: adapted_layer(base, c, args) for c in configs}
+            for tokens in args.layer_tokens:
+                log(f"  layer {d_out} x {d_in}, {tokens} tokens, {dtype_name}")
+                x = torch.randn(tokens, d_in, generator=g).to(args.device, dtype)
+                xg = x.clone().requires_grad_()
+                grad = torch.randn(tokens, d_out, generator=g).to(args.device, dtype)
+
+                def forward(layer):
+                    with torch.inference_mode():
+                        layer.eval()
+                        layer(x)
+
+                def forward_backward(layer):
+                    layer.train()
+                    layer(xg).backward(grad)
+                    xg.grad = None
+                    for p in layer.parameters():
+                        p.grad = None
+
+                def timed(name):
+                    out = {}
+                    for key, fn in (("fwd", forward), ("fb", forward_backward)):
+                        sync()
+                        t0 = clock()
+                        fn(layers[name])
+                        sync()
+                        out[key] = clock() - t0
+                    return out
+
+                res = interleaved(list(layers), timed, args.repeats, args.warmup)
+                shape = f"{d_out} x {d_in}"
+                for name, r in res.items():
+                    fwd_vs = paired_ratio(r["fwd"], res["base"]["fwd"])
+                    fb_vs = paired_ratio(r["fb"], res["base"]["fb"])
+                    vs_ref = f"{paired_ratio(r['fb'], res[ref]['fb']):.3f}" if ref and name != "base" else ""
+                    rows.append([shape, tokens, dtype_name, name, f"{med(r['fwd']) * 1e3:.3f}", f"{fwd_vs:.3f}",
+                                 f"{med(r['fb']) * 1e3:.3f}", f"{fb_vs:.3f}", vs_ref])
+                if args.device != "cpu" or tokens != min(args.layer_tokens):
+                    continue
+                # Where the time goes: each operator's own CPU time, 3 profiled calls per configuration, in turn.
+                ops = {(name, key): collections.Counter() for name in layers for key in ("fwd", "fb")}
+                for i in range(3):
+                    for name in (list(layers) if i % 2 == 0 else list(layers)[::-1]):
+                        for key, fn in (("fwd", forward), ("fb", forward_backward)):
+                            ops[name, key].update(op_times(lambda: fn(layers[name])))
+                top = lambda ops: ", ".join(f"{k.removeprefix('aten::')} {v / 3:,.0f}" for k, v in ops.most_common(8))
+                op_rows += [[shape, dtype_name, name, top(ops[name, "fwd"]), top(ops[name, "fb"])] for name in layers]
+            del base, layers
+            gc.collect()
+    table(["layer (d_out x d_in)", "tokens", "dtype", "config", "forward ms", "vs base", "fwd+bwd ms", "vs base",
+           f"fwd+bwd vs {ref}"], rows)
+    print(f"One nn.Linear without bias, random weights, alone ('base') or wrapped by each configuration (B "
+          f"random, so the update is not zero). Forward: eval mode under inference_mode. Forward+backward: training mode "
+          f"(dropout {args.dropout}), x requires grad (as inside a network), the backward of a given "
+          f"gradient. {args.repeats} interleaved rounds after {args.warmup} warm-up; medians, and medians of "
+          f"per-round ratios; {clock_note(args)}.\n")
+    if op_rows:
+        table(["layer", "dtype", "config", f"forward: own time per operator, us ({min(args.layer_tokens)} tokens)",
+               "forward+backward: own time per operator, us"], op_rows)
+        print("From torch.profiler (its own overhead included; 3 profiled calls, interleaved, averaged): each "
+              "aten operator's own CPU time, the largest 8. mm/addmm include the frozen matmul; copy_ inside "
+              "an addmm is the copy of its input an out-of-place addmm makes; _to_copy is a dtype cast.\n")
 
 
 def llama_shapes():
@@ -1044,6 +1201,8 @@ def parse_args(argv=None):
                    "written to --out/gpu.json and gpu.md; other flags still override its defaults")
     p.add_argument("--out", default=os.path.join("results", "bench"), help="--suite: folder for its files")
     p.add_argument("--adapter-fp32", action="store_true", help="adapters compute in float32 instead of the base dtype")
+    p.add_argument("--compile", action="store_true", help="train and infer sections: torch.compile every decoder layer "
+                                                          "(compiled in the warm-up round, whose wall time is reported)")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"sections to run, from {','.join(SECTIONS)}")
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help="base, lora:R, dora:R, hydralora:R:K, moelora:R:K, "
                                                              "idlora:R:K:M, idlora:match:K:M (see above)")
@@ -1072,6 +1231,11 @@ def parse_args(argv=None):
                    help="torch threads; on a small CPU shared with other busy processes, 1 thread gives far steadier "
                         "timings (a descheduled OpenMP thread stalls the others)")
     p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("layer section (one adapted layer)")
+    g.add_argument("--layer-shapes", default="4096x4096,1024x4096,14336x4096,4096x14336,576x576,192x576,1536x576,576x1536",
+                   help="d_out x d_in of the layers: LLaMA-3-8B's q/o, k/v, gate/up, down, then SmolLM2-135M's")
+    g.add_argument("--layer-tokens", default="256,2048", help="tokens per call (one batch of that many rows)")
+    g.add_argument("--layer-dtypes", default="bf16,fp32", help="dtypes of the frozen layer (and the adapter's arithmetic)")
     g = p.add_argument_group("PMRC (ID-LoRA row clustering)")
     g.add_argument("--selection", choices=idlora.SELECTIONS, help="default: cluster; random with --model-config (random weights)")
     g.add_argument("--n-init", type=int, default=1)
@@ -1091,7 +1255,17 @@ def parse_args(argv=None):
     bad = [s for s in args.only if s not in SECTIONS]
     if bad:
         p.error(f"unknown section(s) {bad}; choose from {','.join(SECTIONS)}")
+    if args.compile and args.warmup < 1:
+        p.error("--compile needs --warmup 1 or more: the warm-up round is where compilation happens")
     args.cluster_jobs = sorted({int(x) for x in args.cluster_jobs.split(",")})
+    try:
+        args.layer_shapes = [tuple(int(d) for d in s.split("x")) for s in args.layer_shapes.split(",")]
+        args.layer_tokens = [int(t) for t in args.layer_tokens.split(",")]
+    except ValueError:
+        p.error("--layer-shapes takes D_OUTxD_IN,... (e.g. 4096x4096,576x576) and --layer-tokens N,...")
+    args.layer_dtypes = args.layer_dtypes.split(",")
+    if set(args.layer_dtypes) - {"bf16", "fp32", "fp16"}:
+        p.error(f"--layer-dtypes takes bf16, fp32, fp16, got {args.layer_dtypes}")
     try:
         args.train_dropouts = [float(x) for x in args.train_dropouts.split(",")] if args.train_dropouts else None
     except ValueError:
@@ -1103,9 +1277,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    global clock
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    clock = time.thread_time if use_thread_clock(args) else time.perf_counter
     if args.suite == "gpu":
         return suite_gpu(args)
     configs = parse_configs(args.configs)
@@ -1134,6 +1310,8 @@ def main(argv=None):
             ad = Adapters(model, configs, args)
             if args.grad_ckpt:
                 model.activation_checkpointing_enable()
+            if args.compile:
+                compile_layers(model)
             if "params" in args.only:
                 section_params(model, ad, configs, args)
             if "train" in args.only:
@@ -1142,6 +1320,8 @@ def main(argv=None):
                 section_infer(model, ad, configs, args)
         del model
         gc.collect()
+    if "layer" in args.only:
+        section_layer(args)
     if "ops" in args.only:
         section_ops(args)
     if "cluster" in args.only:

@@ -56,3 +56,24 @@ def test_train_section_times_each_config_at_each_dropout(tiny_model_dir, capsys)
     assert [r[3] for r in rows[1:] if r[0].endswith("p=0")] == ["1.000", "1.000"] and rows[1][2] == "1.000"
     with pytest.raises(SystemExit):
         bench.parse_args(["--train-dropouts", "0.05,none"])
+
+
+def test_layer_section_times_every_config_and_names_its_operators(capsys):
+    """--only layer: one row per (shape, tokens, dtype, configuration), 'base' first with ratio 1; and
+    the per-operator table shows the adapters' own operators: ID-LoRA's gather and the update added
+    into y in place (addmm_), with no index_select and no copy of y."""
+    bench.main(["--only", "layer", "--device", "cpu", "--configs", "lora:4,idlora:8:2:2,hydralora:4:2",
+                "--layer-shapes", "64x32,16x32", "--layer-tokens", "8", "--layer-dtypes", "bf16,fp32",
+                "--repeats", "1", "--warmup", "0", "--threads", "1"])
+    out = capsys.readouterr().out
+    rows = [l.split(" | ") for l in out.splitlines() if l.startswith("| ")]
+    timed = [r for r in rows if len(r) == 9 and r[0] != "| layer (d_out x d_in)"]
+    assert [(r[0], r[2], r[3]) for r in timed][:4] == [("| 64 x 32", "bf16", "base"), ("| 64 x 32", "bf16", "lora:4"),
+                                                       ("| 64 x 32", "bf16", "idlora:8:2:2"), ("| 64 x 32", "bf16", "hydralora:4:2")]
+    assert len(timed) == 2 * 2 * 4 and all(r[5] == "1.000" for r in timed if r[3] == "base")
+    assert all(float(r[4]) > 0 and float(r[6]) > 0 for r in timed)
+    ops = {(r[0], r[1], r[2]): r[3] for r in rows if len(r) == 5}
+    idl = ops["| 64 x 32", "bf16", "idlora:8:2:2"]
+    assert "gather" in idl and "addmm_" in idl and "index_select" not in idl, idl
+    assert "addmm_" in ops["| 64 x 32", "fp32", "lora:4"]
+    assert "this thread's CPU time" in out
