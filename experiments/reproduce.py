@@ -86,6 +86,9 @@ def is_ablation(name):
 
 
 MAIN = ("idlora-r128-k4", "lora-r16", "lora-r32")
+# The methods every other is compared with in the tables, a column each where it has results: the
+# paper's ID-LoRA, and ID-LoRA r=16, the reference of the ablations at the 8B's fraction of rows.
+REFERENCES = ("idlora-r128-k4", "idlora-r16-k4")
 STUDIES = ("gsm8k", "multitask")
 MULTITASK = {"gsm8k": "gsm8k", "code": "codealpaca", "safety": "saferpaca"}   # task -> data.load name
 
@@ -353,22 +356,22 @@ def table(args):
         cells = [r["run"], f"{r['trainable']:,}", f"{r['val_loss']:.4f}", f"{r['test_loss']:.4f}"]
         cells += [f"{r['test_loss_per_task'][t]:.4f}" for t in per_task] + [f"{r['accuracy'][a]:.3f}" for a in accs]
         lines.append("| " + " | ".join(cells) + " |")
-    head = ["method", "lrs searched", "best lr", "seeds", "trainable", "test loss (mean ± sd)",
-            f"minus {MAIN[0]} (Welch t)"] + [f"{t} loss" for t in per_task] + [f"{a} acc (mean)" for a in accs]
-    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     chosen, grids = {}, {}
     for m in (m for m in METHODS if any(r["method"] == m for r in rows)):
         grids[m], lr = lr_search(args, m)
         at = [r for r in rows if r["method"] == m and r["lr"] == lr]
         if lr is not None and at:
             chosen[m] = at
-    ref = [r["test_loss"] for r in chosen.get(MAIN[0], [])]
+    refs = {m: [r["test_loss"] for r in chosen.get(m, [])] for m in REFERENCES if m == MAIN[0] or m in chosen}
+    head = ["method", "lrs searched", "best lr", "seeds", "trainable", "test loss (mean ± sd)"] + \
+        [f"minus {m} (Welch t)" for m in refs] + [f"{t} loss" for t in per_task] + [f"{a} acc (mean)" for a in accs]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, at in chosen.items():
         grid, lr = grids[m], at[0]["lr"]
         loss = torch.tensor([r["test_loss"] for r in at])
         sd = f"{loss.std().item():.4f}" if len(at) > 1 else "n/a"
         cells = [m, ", ".join(f"{x:g}" for x in grid), f"{lr:g}", str(len(at)), f"{at[0]['trainable']:,}",
-                 f"{loss.mean():.4f} ± {sd}", gap(loss.tolist(), ref) if m != MAIN[0] else ""]
+                 f"{loss.mean():.4f} ± {sd}"] + [gap(loss.tolist(), ref) if m != name else "" for name, ref in refs.items()]
         cells += [f"{sum(r['test_loss_per_task'][t] for r in at) / len(at):.4f}" for t in per_task]
         cells += [f"{sum(r['accuracy'][a] for r in at) / len(at):.3f}" for a in accs]
         lines.append("| " + " | ".join(cells) + " |")

@@ -327,3 +327,23 @@ def test_table_gives_each_method_minus_idlora_with_welch_t(tmp_path):
     # mean 0.86 - 0.92 = -0.06; sample variances 0.0001 and 0.0007: se = sqrt(0.0008 / 3) = 0.01633, t = -3.67
     assert "| 0.8600 ± 0.0100 | -0.0600 (-3.7) |" in table
     assert "| lora-r16 minus idlora-r128-k4 (Welch t) | | -0.0600 (-3.7) | -0.0600 (-3.7) |" in table
+
+
+def test_table_compares_with_idlora_r16_where_it_has_results(tmp_path):
+    """With ID-LoRA r=16 k=4 in the results (the ablations at the 8B's fraction of rows), the method table
+    gains a column of each method minus it, with Welch's t; ID-LoRA r=128's column stays."""
+    folder = tmp_path / "results" / "gsm8k"
+    folder.mkdir(parents=True)
+    losses = {"idlora-r128-k4": [0.90, 0.91, 0.95], "idlora-r16-k4": [0.95, 0.96, 0.97], "lora-r4": [0.90, 0.91, 0.92]}
+    for method, seeds in losses.items():
+        for s, loss in enumerate(seeds):
+            json.dump(dict(run=f"{method}_lr0.001_s{s}", method=method, lr=1e-3, seed=s, trainable=10, val_loss=loss,
+                           test_loss=loss, test_loss_per_task={"gsm8k": loss}, accuracy={"gsm8k": 0.0}),
+                      open(folder / f"{method}_lr0.001_s{s}.json", "w"))
+    reproduce.main(["--study", "gsm8k", "--table", "--lrs", "1e-3", "--results", str(tmp_path / "results")])
+    table = open(folder / "table.md").read()
+    assert "| test loss (mean ± sd) | minus idlora-r128-k4 (Welch t) | minus idlora-r16-k4 (Welch t) |" in table
+    # against r=16: 0.91 - 0.96 = -0.05, both variances 0.0001: se = sqrt(2 * 0.0001 / 3) = 0.008165, t = -6.1;
+    # against r=128 (variance 0.0007): se = sqrt(0.0008 / 3) = 0.01633: -0.01 is t = -0.6, +0.04 is t = +2.4
+    assert "| lora-r4 | 0.001 | 0.001 | 3 | 10 | 0.9100 ± 0.0100 | -0.0100 (-0.6) | -0.0500 (-6.1) |" in table
+    assert "| idlora-r16-k4 | 0.001 | 0.001 | 3 | 10 | 0.9600 ± 0.0100 | +0.0400 (+2.4) |  |" in table
