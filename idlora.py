@@ -151,29 +151,42 @@ def cluster_rows(weight, k, r, selection="cluster", seed=0, n_init=1, max_iter=2
 #
 # The update is added into y in place, inside its last GEMM: y.addmm_(h, B.T, alpha=alpha/r) scales
 # and adds in the GEMM's epilogue, so the layer makes no (tokens, d_out) tensor beyond the frozen
-# layer's own y: no copy of y, no separate update (AddUpdate). Autograd allows it because nothing
+# layer's own y: no copy of y, no separate update (add_update). Autograd allows it because nothing
 # saves y for the backward (the frozen matmul saves x; ID-LoRA's gather saves only its indices,
-# GatherColumns).
+# gather_columns).
+
+
+def add_update(y, h, B, scaling):
+    """y += scaling * [h_1 B^T | ... | h_m B^T] in place; returns y. h: (T*m, r/m), B: (d_out/m, r/m), y:
+    (..., d_out) read as (T*m, d_out/m). In y's dtype the GEMM adds into y itself (addmm_); in float32
+    on a bf16 y (fp32=True) the update is computed in float32 and rounded into y once. With autograd
+    on, through AddUpdate; without (inference), directly: a custom Function costs ~10 us a call, a
+    tenth of a small layer's decoding step."""
+    if torch.is_grad_enabled():
+        return AddUpdate.apply(y, h, B, scaling)
+    return _add_into(y, h, B, scaling)
+
+
+def _add_into(y, h, B, scaling):
+    y2 = y.view(h.shape[0], -1)        # a view, never a copy: the update must land in y itself
+    if h.dtype == y.dtype:
+        y2.addmm_(h, B.T, alpha=scaling)
+    else:
+        y2.add_(h @ B.T, alpha=scaling)
+    return y
 
 
 class AddUpdate(torch.autograd.Function):
-    """y += scaling * [h_1 B^T | ... | h_m B^T] in place, and returns y. h: (T*m, r/m), B: (d_out/m, r/m),
-    y: (..., d_out), read as (T*m, d_out/m). In y's dtype the GEMM adds into y itself (addmm_); in
-    float32 on a bf16 y (fp32=True) the update is computed in float32 and rounded into y once.
-    Written out because autograd's own in-place addmm_ on a view of y would, in the backward, copy
-    the whole gradient three times (its CopySlices); here y's gradient passes through untouched."""
+    """add_update under autograd. Written out because autograd's own in-place addmm_ on a view of y
+    would, in the backward, copy the whole gradient three times (its CopySlices); here y's gradient
+    passes through untouched, and h's and B's are those of the addmm."""
 
     @staticmethod
     def forward(ctx, y, h, B, scaling):
         ctx.save_for_backward(h, B)
         ctx.scaling = scaling
-        y2 = y.view(h.shape[0], -1)    # a view, never a copy: the update must land in y itself
-        if h.dtype == y.dtype:
-            y2.addmm_(h, B.T, alpha=scaling)
-        else:
-            y2.add_(h @ B.T, alpha=scaling)
         ctx.mark_dirty(y)
-        return y
+        return _add_into(y, h, B, scaling)
 
     @staticmethod
     def backward(ctx, grad):
@@ -182,10 +195,19 @@ class AddUpdate(torch.autograd.Function):
         return grad, (g @ B) * ctx.scaling, (g.T @ h) * ctx.scaling, None
 
 
+def gather_columns(y, J):
+    """z = y[..., J], (..., len(J)), by torch.gather (on a CPU the bf16 kernels of index_select and
+    y[..., J] over the last dimension are 2.5-4x slower: SmolLM2's q_proj, 256 tokens, 150 us against
+    559 us for index_select; results/bench.md). With autograd on, through GatherColumns."""
+    if torch.is_grad_enabled():
+        return GatherColumns.apply(y, J)
+    return torch.gather(y, -1, J.expand(*y.shape[:-1], -1))
+
+
 class GatherColumns(torch.autograd.Function):
-    """z = y[..., J] by torch.gather, whose backward scatters the gradient into J's columns. Written
-    out because autograd's own gather saves all of y for its backward, and y must then stay
-    unchanged: this one saves only J, so the update can be added into y in place afterwards."""
+    """gather_columns under autograd. Written out because autograd's own gather saves all of y for
+    its backward, and y must then stay unchanged: this one saves only J, so the update can be added
+    into y in place afterwards. Its backward scatters the gradient into J's columns."""
 
     @staticmethod
     def forward(ctx, y, J):
@@ -226,11 +248,8 @@ class IDLoRALinear(nn.Module):
     def forward(self, x):
         y = self.base(x)                                   # (..., d_out) = W0 x + b
         dt = torch.float32 if self.fp32 else y.dtype
-        # z_i = A_i x = (W0 x)[J_i]: a gather of k*r columns of y, by torch.gather (on a CPU the bf16
-        # kernels of index_select and y[..., J] over the last dimension are 2.5-4x slower: SmolLM2's
-        # q_proj, 256 tokens, 150 us against 559 us for index_select; results/bench.md).
         J = self.idx.flatten()                             # (k*r,)
-        z = GatherColumns.apply(y, J)                      # (..., k*r)
+        z = gather_columns(y, J)                           # (..., k*r)   z_i = A_i x = (W0 x)[J_i]
         if self.base.bias is not None:
             z = z - self.base.bias[J]                      # A_i x has no bias
         z = self.dropout(z.to(dt)).unflatten(-1, (self.k, self.r))          # (..., k, r)
@@ -238,7 +257,7 @@ class IDLoRALinear(nn.Module):
         u = w.unsqueeze(-2) @ z                            # (..., 1, r)   sum_i w_i z_i
         # Rank boosting: B times each of the m pieces of u is ONE GEMM, (T*m, r/m) x (r/m, d_out/m),
         # and its output read as (T, d_out) is exactly [B u_1 | ... | B u_m], the layout of y.
-        return AddUpdate.apply(y, u.reshape(-1, self.r // self.boost), self.B.to(dt), self.scaling)
+        return add_update(y, u.reshape(-1, self.r // self.boost), self.B.to(dt), self.scaling)
 
 
 class LoRALinear(nn.Module):
@@ -264,7 +283,7 @@ class LoRALinear(nn.Module):
             return y
         dt = torch.float32 if self.fp32 else y.dtype
         h = self.dropout(x.to(dt)) @ self.A.to(dt).T       # (..., r)
-        return AddUpdate.apply(y, h.reshape(-1, self.r), self.B.to(dt), self.scaling)   # y + (alpha/r) B h
+        return add_update(y, h.reshape(-1, self.r), self.B.to(dt), self.scaling)   # y + (alpha/r) B h
 
     @torch.no_grad()
     def merge(self):

@@ -161,6 +161,27 @@ def test_in_place_path_equals_the_old_arithmetic(make, boost, bias, dtype, fp32,
         assert new[key].dtype == old[key].dtype and rel(new[key], old[key]) < tol, (key, rel(new[key], old[key]))
 
 
+@pytest.mark.parametrize("make", ["idlora", "lora"])
+@pytest.mark.parametrize("fp32", [False, True])
+def test_inference_path_equals_the_autograd_path(make, fp32):
+    """Without autograd (no_grad, inference_mode) the update is added directly, not through the custom
+    autograd Functions: the same output, bit for bit, and the input untouched."""
+    torch.manual_seed(0)
+    base = nn.Linear(48, 96, bias=True).to(torch.bfloat16).requires_grad_(False)
+    layer = (IDLoRALinear(base, cluster_rows(base.weight, 4, 16, "random", seed=1), 32, 2, 0.1, fp32) if make == "idlora"
+             else LoRALinear(base, 16, 32, 0.1, fp32)).eval()
+    nn.init.normal_(layer.B, std=0.1)
+    x = torch.randn(2, 5, 48).to(torch.bfloat16)
+    x0 = x.clone()
+    want = layer(x.clone().requires_grad_())
+    assert want.grad_fn is not None
+    with torch.no_grad():
+        assert torch.equal(layer(x), want)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), want)
+    assert torch.equal(x, x0)
+
+
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
