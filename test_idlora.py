@@ -583,6 +583,8 @@ def test_bad_inputs_are_clear_errors():
         apply_idlora(small, r=4, k=4, targets=("v_proj",), selection="serial")
     with pytest.raises(ValueError, match="selection must be one of"):
         cluster_rows(torch.randn(8, 4), 2, 2, selection="kmeans")
+    with pytest.raises(ValueError, match="row indices must be distinct"):     # the gather's backward relies on it
+        IDLoRALinear(nn.Linear(8, 16), torch.tensor([[0, 1], [1, 2]]), alpha=4)
 
 
 def test_clamped_rank_is_logged_once_per_shape(capsys):
