@@ -820,8 +820,8 @@ def train(args):
     raw = model                                # what is saved; under DDP `model` is its wrapper
     if args.parallel:
         model = wrap(model, args)
-    if args.compile:                           # each decoder layer, in place (the state dict keeps its names):
-        for layer in decoder_layers(raw):      # they share their code, so one compilation serves them all
+    if args.compile:                           # each decoder layer, in place (the state dict keeps its names),
+        for layer in decoder_layers(raw):      # as torchtune does: inductor's cache serves the layers alike
             layer.compile()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
