@@ -182,30 +182,38 @@ def resolve_dtype(name, device):
 
 
 def build_model(args):
+    """The model every section but ops and the PMRC ones measures; with --quantize, its target layers
+    in 4 bits (a --model-config model is built one quantized layer at a time: train.random_model)."""
+    import train
     dtype = resolve_dtype(args.dtype, args.device)
     if args.model_config:
         if args.model_config != "llama-3-8b":
             raise SystemExit(f"error: unknown --model-config {args.model_config!r}; known: llama-3-8b")
-        from transformers import AutoModelForCausalLM
         config = idlora.llama3_8b_config()
         if args.layers:
             config.num_hidden_layers = args.layers
         if args.vocab_size:
             config.vocab_size = args.vocab_size
-        with torch.device(args.device):   # built in dtype directly: fp32 8B weights would be 32 GB
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = train.random_model(config, dtype, args.device, args.quantize, targets(args))
     else:
-        import train
         model, _ = train.load_model(args.model, dtype, args.device)
         if args.layers:
             model.model.layers = model.model.layers[: args.layers]
             model.config.num_hidden_layers = args.layers
+        if args.quantize:
+            with contextlib.redirect_stdout(sys.stderr):
+                train.quantize_base(model, targets(args), args.device)
     model.config.use_cache = False        # training; generation asks for the cache explicitly
     return model
 
 
 def targets(args):
     return tuple(t.strip() for t in args.targets.split(",") if t.strip())
+
+
+def mergeable(method, args):
+    """Timed merged too? LoRA and DoRA, on a full-precision base only (a 4-bit W0 cannot take the update)."""
+    return baselines.mergeable(method) and not args.quantize
 
 
 def attach(model, c, args):
@@ -392,7 +400,7 @@ def section_params(model, ad, configs, args):
         measured = sum(tensor_bytes(itertools.chain(
             (p for n, p in w.named_parameters() if not n.startswith("base.")),
             (b for n, b in w.named_buffers() if not n.startswith("base.")))) for w in wrappers)
-        formula = sum(baselines.METHODS[c.method].nbytes(*w.base.weight.shape, w) for w in wrappers)
+        formula = sum(baselines.METHODS[c.method].nbytes(*idlora.weight_shape(w.base), w) for w in wrappers)
         extra = model_bytes(model) - base_bytes
         adapter_bytes[c.name] = measured
         no_copy = all(w.base is ad.base_layers[n] for n, w in ad.sets[c.name].items())
@@ -414,7 +422,7 @@ def section_params(model, ad, configs, args):
         ratios = [f"{n_train / ad.reports[l]['trainable']:.2f}x" for l in loras]
         check = "yes" if measured == formula == extra and no_copy else "NO"
         vs_ref = f"{measured / adapter_bytes[ref]:.2f}x" if ref in adapter_bytes else ""
-        at_inference = 0 if baselines.mergeable(c.method) else measured
+        at_inference = 0 if mergeable(c.method, args) else measured
         rows.append([c.name + (f" ({c.note})" if c.note else ""), f"{n_train:,}", *ratios,
                      f"{n_train / n_base:.2%}", f"{measured:,}", vs_ref, f"{extra:,}", check, f"{at_inference:,}",
                      f"{moments:,} ({moments / max(n_train, 1):.0f} B/param)"])
@@ -473,6 +481,7 @@ def _memory_child(args, c):
     gc.collect()              # fingerprint, which reads every page, would hide them for ID-LoRA)
     if cuda:
         torch.cuda.synchronize()
+        build = torch.cuda.max_memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
@@ -480,14 +489,18 @@ def _memory_child(args, c):
             ctypes.CDLL("libc.so.6").malloc_trim(0)    # hand freed heap back so the step's growth shows
         except OSError:
             pass
+        build = _hwm()        # the peak so far: loading (or building) and patching the model
         before = _rss()
         reset = _reset_hwm()
+    t0 = time.perf_counter()
     for _ in range(args.memory_steps):
         train_step(model, opt, ids, make_sync(args.device))
+    seconds = (time.perf_counter() - t0) / args.memory_steps
     if cuda:
         peak = torch.cuda.max_memory_allocated()
-        return dict(before=before, peak=peak, reserved=torch.cuda.max_memory_reserved(), reset=True)
-    return dict(before=before, peak=_hwm(), reset=reset)
+        return dict(before=before, peak=peak, reserved=torch.cuda.max_memory_reserved(), reset=True, build=build,
+                    seconds=seconds)
+    return dict(before=before, peak=_hwm(), reset=reset, build=build, seconds=seconds)
 
 
 def section_memory(configs, args):
@@ -499,7 +512,7 @@ def section_memory(configs, args):
         with ProcessPoolExecutor(1, mp_context=ctx) as pool:
             r = pool.submit(_memory_child, args, c).result()
         return dict(growth=r["peak"] - r["before"], peak=r["peak"], before=r["before"],
-                    reset=float(r["reset"]))
+                    reset=float(r["reset"]), build=r["build"], seconds=r["seconds"])
 
     by_name = {c.name: c for c in names}
     res = interleaved([c.name for c in names], lambda n: run(by_name[n]), args.memory_repeats, 0)
@@ -509,17 +522,19 @@ def section_memory(configs, args):
     for n, r in res.items():
         ratio = f"{paired_ratio(r['growth'], res[ref]['growth']):.3f}" if ref in res else ""
         rows.append([n, gb(med(r["growth"])), ratio, f"{spread([x / 1e6 for x in r['growth']])} MB",
-                     gb(med(r["before"])), gb(med(r["peak"]))])
+                     gb(med(r["before"])), gb(med(r["peak"])), gb(med(r["build"])), f"{med(r['seconds']):.2f}"])
     what = "CUDA max allocated" if cuda else "peak RSS"
     table(["config", f"step peak - before ({what})", f"vs {ref}", "range", "before the step",
-           f"{what}, absolute"], rows)
+           f"{what}, absolute", "peak while loading and patching", "s per step"], rows)
     if not cuda and not all(all(r["reset"]) for r in res.values()):
         print("WARNING: the peak RSS could not be reset (/proc/self/clear_refs); the peak may be the "
               "model loading's.\n")
     print(f"{args.memory_steps} training steps of batch {args.batch} x {args.seq_len} tokens, gradient "
           f"checkpointing {'on' if args.grad_ckpt else 'off'}; median of {args.memory_repeats} "
           f"fresh processes, interleaved. 'before' includes the weights, the adapters and the inputs; "
-          f"the growth includes the AdamW state created by the first step.\n")
+          f"the growth includes the AdamW state created by the first step. 'peak while loading and patching' "
+          f"is the process's peak before the step (with --quantize: one dense layer at a time, or the whole "
+          f"loaded model for --model).\n")
 
 
 def section_train(model, ad, configs, args):
@@ -566,7 +581,7 @@ def section_infer(model, ad, configs, args):
     names = []
     for c in configs:
         names.append(c.name)
-        if c.method != "base" and baselines.mergeable(c.method):
+        if c.method != "base" and mergeable(c.method, args):
             names.append(c.name + " merged")
     if "base" not in names:
         names.insert(0, "base")
@@ -889,7 +904,7 @@ def suite_gpu(args):
     if args.grad_ckpt:
         model.activation_checkpointing_enable()
     ids = token_ids(model, args.batch, args.seq_len, args.seed).to(args.device)
-    largest = max((tuple(m.weight.shape) for m in ad.base_layers.values()), key=lambda s: s[0] * s[1])
+    largest = max((idlora.weight_shape(m) for m in ad.base_layers.values()), key=lambda s: s[0] * s[1])
 
     def variant(name):                          # "lora:16 fp32" -> ("lora:16", True)
         config, _, path = name.partition(" ")
@@ -910,6 +925,8 @@ def suite_gpu(args):
     train = interleaved(steps, step, args.repeats, args.warmup)
 
     forwards = ["base", "lora:16 merged", "lora:16", "lora:16 fp32", "idlora:128:4:2", "idlora:128:4:2 fp32"]
+    if args.quantize:                           # a 4-bit W0 cannot take a merge
+        forwards.remove("lora:16 merged")
     model.eval()
 
     def forward(name):
@@ -946,7 +963,7 @@ def suite_gpu(args):
         idlora_step_vs_lora16=ratio(train, "step", "idlora:128:4:2", "lora:16"),
         idlora_forward_vs_base=ratio(infer, "fwd", "idlora:128:4:2", "base"),
         lora16_forward_vs_base=ratio(infer, "fwd", "lora:16", "base"),
-        lora16_merged_forward_vs_base=ratio(infer, "fwd", "lora:16 merged", "base"),
+        lora16_merged_forward_vs_base=None if args.quantize else ratio(infer, "fwd", "lora:16 merged", "base"),
         idlora_fp32_step_vs_lora16_fp32=ratio(train, "step", "idlora:128:4:2 fp32", "lora:16 fp32"),
         idlora_fp32_forward_vs_base=ratio(infer, "fwd", "idlora:128:4:2 fp32", "base"),
         lora16_fp32_forward_vs_base=ratio(infer, "fwd", "lora:16 fp32", "base"),
@@ -960,27 +977,30 @@ def suite_gpu(args):
         command="python experiments/bench.py " + " ".join(sys.argv[1:]),
         rounds=args.repeats, warmup=args.warmup, batch=args.batch, seq_len=args.seq_len,
         model=f"{args.model_config} (random weights" + (f", {args.layers} layers)" if args.layers else ")"),
-        torch=torch.__version__, grad_ckpt=args.grad_ckpt, dropout=args.dropout)
+        torch=torch.__version__, grad_ckpt=args.grad_ckpt, dropout=args.dropout, quantize=args.quantize)
+    stem = "gpu" + (f"-{args.quantize}" if args.quantize else "")      # gpu.json, or gpu-nf4.json on a 4-bit base
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu.json"), "w") as f:
+    with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump(out, f, indent=1)
-    lines = [f"# GPU check: {out['device']}", "", f"`{out['command']}`: {out['model']}, batch {args.batch} x "
+    lines = [f"# GPU check: {out['device']}", "", f"`{out['command']}`: {out['model']}"
+             f"{', target layers in ' + args.quantize if args.quantize else ''}, batch {args.batch} x "
              f"{args.seq_len}, {args.repeats} interleaved rounds after {args.warmup} warm-up; medians, ranges "
              f"(min-max) and medians of per-round ratios.", "",
-             "| variant | train step s | range | vs lora:16 (same path) | forward ms | range | vs base | peak train GB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| variant | train step s | range | vs lora:16 (same path) | train tokens/s | forward ms | range | vs base "
+             "| peak train GB |", "|---|---|---|---|---|---|---|---|---|"]
     for name in forwards:
         t, fw = train.get(name), infer[name]
         ref = "lora:16 fp32" if name.endswith("fp32") else "lora:16"
         cells = [name, f"{med(t['step']):.3f}" if t else "", spread(t["step"]) if t else "",
-                 f"{ratio(train, 'step', name, ref):.3f}" if t else "", f"{med(fw['fwd']) * 1e3:.1f}",
+                 f"{ratio(train, 'step', name, ref):.3f}" if t else "",
+                 f"{args.batch * args.seq_len / med(t['step']):,.0f}" if t else "", f"{med(fw['fwd']) * 1e3:.1f}",
                  spread([x * 1e3 for x in fw["fwd"]]), f"{ratio(infer, 'fwd', name, 'base'):.3f}",
                  f"{memory[name]:.2f}" if name in memory else ""]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "One adapted layer, forward+backward ms (median), eager against torch.compile:", "",
               "| layer | config | eager | compiled |", "|---|---|---|---|"]
     lines += [f"| {c['layer']} | {c['config']} | {c['eager_ms']:.3f} | {c['compiled_ms']:.3f} |" for c in compiled]
-    with open(os.path.join(args.out, "gpu.md"), "w") as f:
+    with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     return out
@@ -1041,7 +1061,7 @@ def parse_args(argv=None):
                                 formatter_class=train.Help)
     p.add_argument("--suite", choices=["gpu"], help="gpu: the one-command GPU check (base, LoRA r=16 merged and not, "
                    "ID-LoRA r=128 on both arithmetic paths, LLaMA-3-8B shapes, 4 x 512, memory, torch.compile), "
-                   "written to --out/gpu.json and gpu.md; other flags still override its defaults")
+                   "written to --out/gpu.json and gpu.md (gpu-nf4.* with --quantize nf4); other flags still override its defaults")
     p.add_argument("--out", default=os.path.join("results", "bench"), help="--suite: folder for its files")
     p.add_argument("--adapter-fp32", action="store_true", help="adapters compute in float32 instead of the base dtype")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"sections to run, from {','.join(SECTIONS)}")
@@ -1054,6 +1074,8 @@ def parse_args(argv=None):
                                                   "dominate the timing of a few 8B-width layers")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, or meta (params only)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="base weights; auto = bf16 on CUDA and on CPUs with native bf16 matmuls, else fp32")
+    p.add_argument("--quantize", choices=["nf4"], help="the target layers of the model the bench builds in 4 bits, as "
+                   "train.py --quantize nf4 (params, memory, train, infer sections; LoRA and DoRA are not timed merged)")
     p.add_argument("--batch", type=int, default=2, help="micro-batch (examples) for training, forward and memory")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per example for training, forward and memory")
     p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false", help="gradient checkpointing off (train.py's default is on)")
@@ -1113,14 +1135,15 @@ def main(argv=None):
     print(machine(args))
     model_name = args.model_config and f"{args.model_config} (random weights" + \
         (f", first {args.layers} layers)" if args.layers else ")") or args.model
-    print(f"Model: {model_name}, {resolve_dtype(args.dtype, args.device)} on {args.device}; "
+    print(f"Model: {model_name}, {resolve_dtype(args.dtype, args.device)} on {args.device}"
+          f"{', target layers in ' + args.quantize if args.quantize else ''}; "
           f"sections: {','.join(args.only)}; command: `python experiments/bench.py {' '.join(sys.argv[1:])}`\n")
 
     model_sections = [s for s in ("params", "memory", "train", "infer") if s in args.only]
     if model_sections:
         log("loading the model")
         model = build_model(args)
-        shapes = [(n, *m.weight.shape) for n, m in idlora.find_targets(model, targets(args))]
+        shapes = [(n, *idlora.weight_shape(m)) for n, m in idlora.find_targets(model, targets(args))]
         configs = resolve_matches(configs, shapes)
         print("Configurations: " + ", ".join(c.name + (f" ({c.note})" if c.note else "")
                                              for c in configs) + "\n")

@@ -422,7 +422,7 @@ def test_clear_errors(tmp_path, tiny_model_dir, gsm8k_dir):
     empty.mkdir()
     with pytest.raises(SystemExit, match=r"error: .*codealpaca"):
         run(tmp_path, tiny_model_dir, str(empty), "--task", "code")
-    with pytest.raises(SystemExit, match=r"error: target module\(s\) \['qproj'\] match no nn.Linear"):
+    with pytest.raises(SystemExit, match=r"error: target module\(s\) \['qproj'\] match no linear layer"):
         run(tmp_path, tiny_model_dir, gsm8k_dir, "--targets", "qproj")
     with pytest.raises(SystemExit, match=r"error: --resume: no checkpoint"):
         run(tmp_path / "new", tiny_model_dir, gsm8k_dir, "--resume")
