@@ -110,8 +110,7 @@ class DoRALinear(nn.Module):
         self.A = nn.Parameter(torch.empty(r, d_in, **kw))             # (r, d_in), Kaiming
         self.B = nn.Parameter(torch.zeros(d_out, r, **kw))            # (d_out, r), 0
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        self.keep_frozen_terms = True          # False: recompute them in every forward (train.wrap, FSDP2)
-        self._frozen = None                    # (key, ||W0||^2, W0 A^T): a plain attribute, never saved
+        self._frozen = None                    # what frozen_terms keeps: a plain attribute, never saved
         # m: (d_out,), the norms the forward computes while B = 0, so m / n = 1 exactly at init
         self.m = nn.Parameter(self.weight_norm(idlora.weight_dtype(base)))
         self.dropout = nn.Dropout(dropout)
@@ -133,24 +132,27 @@ class DoRALinear(nn.Module):
     @torch.no_grad()
     def frozen_terms(self, dtype):
         """(||W0||^2 per row (d_out,), W0 A^T (d_out, r)) in the master dtype: the terms of n^2 that
-        read W0, which a 4-bit base must dequantize for (as long as a forward, on the CPU). They
-        change only when A or W0 does, always in place (an optimizer step, load_adapter, merge), and
-        every in-place change bumps a tensor's version counter. So they are kept, keyed by the
-        tensors' storage and versions, and recomputed once per optimizer step instead of in every
+        read W0, which a 4-bit base must dequantize for (as long as a forward, on a CPU). They change
+        only when A or W0 does, so they are kept with a copy of the A they were computed from, and
+        computed again only when A differs from it (an optimizer step, load_adapter) or W0 changed
+        in place (merge bumps its version counter): once per optimizer step, instead of in every
         micro-batch's forward and its gradient-checkpointing recompute (docs/training.md, "A 4-bit
-        base", has the times). The cost: W0 A^T and the norms kept, (r + 1) d_out floats per layer.
-        FSDP2 all-gathers A into the same tensor at every forward with its version kept, so
-        train.wrap turns the cache off there; torch.compile recomputes (it cannot read versions)."""
+        base", has the times). A is compared by value, r d_in numbers: version counters would miss a
+        fused AdamW step, which leaves them as they were, and FSDP2's all-gather, which keeps them.
+        Kept: (r + 1) d_out + r d_in numbers per layer, in plain attributes (never saved, nor moved
+        by .to(): a move changes the storage, which is part of the key). torch.compile recomputes."""
         A = self.A
-        tensors = (A, *self.base.parameters(), *self.base.buffers())
-        key = (dtype, *((t.data_ptr(), t._version) for t in tensors))
-        keep = self.keep_frozen_terms and not torch.compiler.is_compiling()
-        if keep and self._frozen is not None and self._frozen[0] == key:
-            return self._frozen[1:]
+        w0 = tuple((t.data_ptr(), t._version) for t in (*self.base.parameters(), *self.base.buffers()))
+        compiling = torch.compiler.is_compiling()
+        if self._frozen is not None and not compiling:
+            then_dtype, then_w0, then_A, n0, W0A = self._frozen
+            if then_dtype == dtype and then_w0 == w0 and then_A.device == A.device and torch.equal(then_A, A):
+                return n0, W0A
         W0 = idlora.dense_weight(self.base)                                  # (d_out, d_in)
         W0A = (W0.to(dtype) @ A.T.to(dtype)).to(A.dtype)                     # (d_out, r)
         n0 = torch.linalg.vector_norm(W0, dim=1, dtype=A.dtype).square()     # (d_out,)
-        self._frozen = (key, n0, W0A) if keep else None
+        if not compiling:
+            self._frozen = (dtype, w0, A.detach().clone(), n0, W0A)
         return n0, W0A
 
     def forward(self, x):

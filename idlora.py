@@ -183,6 +183,7 @@ def dense_weight(layer):
         return layer.dequantize()
     if kind == "bnb4":
         from bitsandbytes.functional import dequantize_4bit
+        _bnb_unpack(layer)
         return dequantize_4bit(layer.weight.data, layer.weight.quant_state)
     if kind == "conv1d":
         return layer.weight.T
@@ -212,6 +213,20 @@ def quantization(layer):
     if kind == "bnb4":
         return f"bitsandbytes-{layer.weight.quant_state.quant_type}"
     return None
+
+
+def _bnb_unpack(layer):
+    """bitsandbytes on an AVX512-BF16 CPU repacks a Linear4bit's weight in place at its first eval-mode
+    forward without grad (a validation pass, say). After that dequantize_4bit reads it wrong, and its
+    forward has no backward: gradients stop reaching the layers below, with only a warning
+    (docs/training.md, "A 4-bit base"). So the repacking is turned off, and one already done is undone
+    (as bitsandbytes itself does before saving or moving the layer)."""
+    layer.support_avx512bf16_for_cpu = False
+    if getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+        layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+            layer.weight.data, layer.weight.quant_state)
+        layer.quant_state = layer.weight.quant_state
 
 
 MERGE_4BIT = ("cannot merge into a 4-bit base: the merged weight would be rounded to 4 bits, and the update "
@@ -400,10 +415,7 @@ def patch(model, layers, config, make, fp32=False):
     quantize = base_quantization(layers)
     for name, lin in layers:
         if _kind(lin) == "bnb4":
-            # bitsandbytes on an AVX512-BF16 CPU repacks a Linear4bit's weight in place at its first
-            # eval-mode forward without grad (a validation pass); after that its forward has no backward,
-            # so gradients stop reaching the layers below, with only a warning (docs/training.md).
-            lin.support_avx512bf16_for_cpu = False
+            _bnb_unpack(lin)                                # trainable, whatever ran before (section 2)
         layer = make(name, lin)
         layer.fp32 = fp32
         _replace(model, name, layer)

@@ -433,9 +433,6 @@ def wrap(model, args):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(torch.device(args.device).type, (WORLD,))
-    for m in model.modules():
-        if isinstance(m, baselines.DoRALinear):
-            m.keep_frozen_terms = False     # FSDP2 refills A in place with its version kept: DoRA's cache could not see a step
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)       # the CPU-loaded layer moves to the GPU as shards
     fully_shard(model, mesh=mesh)
