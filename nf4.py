@@ -51,16 +51,24 @@ _levels_on = {}                    # BYTE_LEVELS per device, copied there once
 
 def quantize_weight(weight):
     """(codes (n/64, 32) uint8, absmax_q (n/64 padded to 256s,) int8, scale (n/64/256,) fp32, mean () fp32)
-    of a weight with n values, n a multiple of 64. Computed in float32 whatever the weight's dtype."""
-    blocks = weight.detach().float().contiguous().view(-1, BLOCK)                    # (n_blocks, 64)
-    absmax = blocks.abs().amax(1)                                             # (n_blocks,)
-    scaled = blocks / absmax.clamp_min(1e-12)[:, None]                        # in [-1, 1]
-    # the nearest level: bucketize on the midpoints between levels
-    idx = torch.bucketize(scaled, (NF4[1:] + NF4[:-1]).to(scaled.device) / 2, out_int32=True).to(torch.uint8)
-    codes = idx[:, 0::2] << 4 | idx[:, 1::2]                                  # (n_blocks, 32), two per byte
+    of a weight with n values, n a multiple of 64. Computed in float32 whatever the weight's dtype, CHUNK
+    blocks at a time, so that the float32 temporaries stay small (a whole 14336 x 4096 layer's would
+    take 1 GB)."""
+    flat = weight.detach().contiguous().view(-1)
+    n_blocks = flat.numel() // BLOCK
+    midpoints = ((NF4[1:] + NF4[:-1]) / 2).to(flat.device)                   # nearest level = bucket of midpoints
+    codes = torch.empty(n_blocks, BLOCK // 2, dtype=torch.uint8, device=flat.device)
+    absmax = torch.empty(n_blocks, device=flat.device)
+    step = 16 * CHUNK
+    for s in range(0, n_blocks, step):
+        blocks = flat[s * BLOCK:(s + step) * BLOCK].float().view(-1, BLOCK)  # (chunk, 64)
+        torch.amax(blocks.abs(), 1, out=absmax[s:s + step])
+        scaled = blocks / absmax[s:s + step].clamp_min(1e-12)[:, None]        # in [-1, 1]
+        idx = torch.bucketize(scaled, midpoints, out_int32=True).to(torch.uint8)
+        codes[s:s + step] = idx[:, 0::2] << 4 | idx[:, 1::2]                  # two codes a byte
     # double quantization: absmax - mean, in blocks of 256 (the last one padded with zeros), to int8
     mean = absmax.mean()
-    c = F.pad(absmax - mean, (0, -len(absmax) % SCALE_BLOCK)).view(-1, SCALE_BLOCK)
+    c = F.pad(absmax - mean, (0, -n_blocks % SCALE_BLOCK)).view(-1, SCALE_BLOCK)
     scale = c.abs().amax(1).clamp_min(1e-12) / 127                            # (n_blocks/256,)
     absmax_q = torch.round(c / scale[:, None]).to(torch.int8).flatten()
     return codes, absmax_q, scale, mean

@@ -103,6 +103,17 @@ def test_codes_are_the_nearest_levels_and_the_error_is_bounded(dtype):
     assert layer.dequantize().dtype == dtype
 
 
+def test_chunks_change_nothing(monkeypatch):
+    """Quantizing and dequantizing go CHUNK (dequantize) or 16 CHUNK (quantize) blocks at a time: with
+    chunks of 1 and 16 blocks, the same codes, scales and weight."""
+    w = torch.randn(96, 640) * 0.02                                  # 960 blocks
+    whole = nf4.NF4Linear(w)
+    monkeypatch.setattr(nf4, "CHUNK", 1)
+    chunked = nf4.NF4Linear(w)
+    assert all(torch.equal(a, b) for a, b in zip(whole.buffers(), chunked.buffers()))
+    assert torch.equal(chunked.dequantize(), whole.dequantize())
+
+
 def test_storage_is_4127_bits_per_weight():
     layer = nf4.NF4Linear(torch.randn(1024, 1024))
     n = 1024 * 1024
