@@ -24,7 +24,9 @@ each give r rows); alpha = 2r (the paper's "rank 128 / 256"); dropout acts on th
 z, since x is never multiplied by A separately.
 
 This file has everything: clustering, the ID-LoRA layer, a plain LoRA baseline, patching a
-Hugging Face model, and adapter save/load. It imports nothing else from this project.
+Hugging Face model, and adapter save/load. It imports nothing else from this project. The frozen
+layer may be an nn.Linear, GPT-2's Conv1D, or a 4-bit layer (nf4.py's NF4Linear, or bitsandbytes'
+Linear4bit): section 2 reads each through two small functions, weight_shape and dense_weight.
 baselines.py adds the paper's other baselines (DoRA, HydraLoRA, MoELoRA) through this file's
 patching and save/load, and the table of methods the scripts read.
 

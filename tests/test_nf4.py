@@ -339,6 +339,16 @@ def test_dora_cache_follows_a_load_and_a_merge(tmp_path):
     assert not torch.equal(after, before) and torch.equal(after, fresh_norms(plain)[-1])
 
 
+def test_idlora_py_stands_alone():
+    """idlora.py reads 4-bit layers by duck typing: importing it imports neither nf4.py nor bitsandbytes."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "import sys, idlora; print(sorted(m for m in ('nf4', 'baselines', 'bitsandbytes', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 # -----------------------------------------------------------------------------
 # Layers this project cannot read
 
