@@ -314,7 +314,7 @@ def test_method_names_become_train_flags():
         train.parse_args(reproduce.method_argv(name))
     with pytest.raises(ValueError, match="'vera-r8' is not"):
         reproduce.method_argv("vera-r8")
-    args = argparse.Namespace(lrs=[2e-4, 6e-4, 2e-3], lrs_around=None)
+    args = argparse.Namespace(lrs=[2e-4, 6e-4, 2e-3], lrs_around=None, lrs_from=None)
     assert reproduce.start_grid(args, "full") == [2e-5, 6e-5, 2e-4] and reproduce.start_grid(args, "dora-r32") == args.lrs
 
 
