@@ -13,8 +13,8 @@ quantization"): minus their mean, in blocks of 256, to int8 with one float32 sca
     W ~= NF4[code] * absmax,   absmax ~= absmax_q * scale + mean
 
 bitsandbytes codes the absmaxes with its own dynamic 8-bit map instead of a linear int8; otherwise the
-format is QLoRA's, and the dequantized values differ from bitsandbytes' by at most 7.3e-4 on a bf16
-weight of std 0.02 (docs/training.md, "A 4-bit base").
+format is QLoRA's: on a 4096 x 4096 bf16 weight of std 0.02 the dequantized values differ from
+bitsandbytes' by at most 7.3e-4, and both are 9.2% off the original (relative Frobenius norm).
 
 The layer. NF4Linear keeps only the codes and scales. Its forward dequantizes the whole weight, runs
 F.linear and drops it; its backward dequantizes again rather than keeping the dense weight between the

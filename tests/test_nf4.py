@@ -460,6 +460,18 @@ def test_gpt2_on_a_4bit_base():
 # A model loaded in 4-bit by transformers with bitsandbytes (where bitsandbytes is installed)
 
 
+def test_the_codes_are_bitsandbytes():
+    """The same 4-bit codes as bitsandbytes' NF4 (blocks of 64), and values within its absmax coding."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    torch.manual_seed(0)
+    w = (torch.randn(256, 512) * 0.02).to(torch.bfloat16)
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    ours = nf4.NF4Linear(w)
+    assert torch.equal(unpack(ours.codes), unpack(packed.reshape(-1, 32)))
+    diff = (ours.dequantize(torch.float32) - bnbf.dequantize_4bit(packed, state).float()).abs().max()
+    assert 0 < diff < 1e-3
+
+
 def test_a_bitsandbytes_4bit_model_patches(tmp_path):
     bnb = pytest.importorskip("bitsandbytes")
     from bitsandbytes.functional import dequantize_4bit
