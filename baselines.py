@@ -18,7 +18,8 @@ Trainable numbers per layer (spec section 3): DoRA r(d_in + d_out) + d_out; Hydr
 r d_in + k r d_out + k d_in; MoELoRA k r (d_in + d_out) + k d_in.
 
 Every layer here follows idlora.py's conventions, so idlora.py patches, freezes, saves and loads
-it: it wraps the frozen nn.Linear as `self.base`; its own tensors are direct parameters named as
+it: it wraps the frozen base layer as `self.base` (nn.Linear, GPT-2's Conv1D or a 4-bit layer, read
+through idlora's weight_shape and dense_weight); its own tensors are direct parameters named as
 they are saved (A, B, m, router); B starts at zero, so the patched model is the base model
 exactly. Trainable tensors are float32 master weights (float64 on a float64 layer: never less
 precise than the base); the forward computes the update in x's dtype (a bf16 model computes its
@@ -41,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import idlora
+import nf4
 from idlora import TARGETS, find_targets, patch
 
 # -----------------------------------------------------------------------------
@@ -54,7 +56,16 @@ def compute_dtype(layer, x):
 
 def master_dtype(base):
     """The dtype of a layer's trainable tensors: float32, or the base's when that is wider (float64)."""
-    return torch.promote_types(torch.float32, base.weight.dtype)
+    return torch.promote_types(torch.float32, idlora.weight_dtype(base))
+
+
+def frozen_product(base, h):
+    """W0 h, without the bias, in h's dtype. A 4-bit base runs its own forward, which dequantizes W0
+    in the forward and again in the backward and keeps no dense copy in between, minus its bias."""
+    if idlora.quantization(base):
+        y = base(h)
+        return y if base.bias is None else y - base.bias.to(y.dtype)
+    return F.linear(h, idlora.dense_weight(base).to(h.dtype))
 
 
 def dropped_copies(dropout, h, k):
@@ -82,12 +93,15 @@ class DoRALinear(nn.Module):
         y = W0 x + b + (m/n - 1) W0 x' + (m/n) s B A x'
 
     Without dropout (inference) that is exactly W' x + b. With dropout, W0 x' is computed again
-    on the dropped input, which costs a second pass through W0 in training (peft's choice too)."""
+    on the dropped input, which costs a second pass through W0 in training (peft's choice too).
 
-    def __init__(self, base: nn.Linear, r, alpha, dropout=0.0):
+    n reads W0 (dequantized, on a 4-bit base), so its W0 terms are kept between forwards until
+    A or W0 changes (frozen_terms): computed once per optimizer step, not once per forward."""
+
+    def __init__(self, base: nn.Module, r, alpha, dropout=0.0):
         super().__init__()
-        d_out, d_in = base.weight.shape
-        dev = base.weight.device
+        d_out, d_in = idlora.weight_shape(base)
+        dev = idlora.layer_device(base)
         self.base = base
         self.r, self.alpha = r, alpha
         self.scaling = alpha / r
@@ -96,8 +110,9 @@ class DoRALinear(nn.Module):
         self.A = nn.Parameter(torch.empty(r, d_in, **kw))             # (r, d_in), Kaiming
         self.B = nn.Parameter(torch.zeros(d_out, r, **kw))            # (d_out, r), 0
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self._frozen = None                    # what frozen_terms keeps: a plain attribute, never saved
         # m: (d_out,), the norms the forward computes while B = 0, so m / n = 1 exactly at init
-        self.m = nn.Parameter(self.weight_norm(base.weight.dtype))
+        self.m = nn.Parameter(self.weight_norm(idlora.weight_dtype(base)))
         self.dropout = nn.Dropout(dropout)
         self.merged = False
 
@@ -110,10 +125,35 @@ class DoRALinear(nn.Module):
         `dtype`. On a 14336 x 4096 layer, 1 CPU thread: 0.21 s against 0.68 s for forming
         W0 + s B A (same norms within 4e-7)."""
         s, A, B = self.scaling, self.A, self.B
-        W0A = (self.base.weight.to(dtype) @ A.T.to(dtype)).to(A.dtype)       # (d_out, r)
-        n2 = torch.linalg.vector_norm(self.base.weight, dim=1, dtype=A.dtype).square()
-        n2 = n2 + 2 * s * (B * W0A).sum(1) + s * s * ((B @ (A @ A.T)) * B).sum(1)
+        n0, W0A = self.frozen_terms(dtype)                                   # (d_out,), (d_out, r)
+        n2 = n0 + 2 * s * (B * W0A).sum(1) + s * s * ((B @ (A @ A.T)) * B).sum(1)
         return n2.clamp_min(0).sqrt()
+
+    @torch.no_grad()
+    def frozen_terms(self, dtype):
+        """(||W0||^2 per row (d_out,), W0 A^T (d_out, r)) in the master dtype: the terms of n^2 that
+        read W0, which a 4-bit base must dequantize for (as long as a forward, on a CPU). They change
+        only when A or W0 does, so they are kept with a copy of the A they were computed from, and
+        computed again only when A differs from it (an optimizer step, load_adapter) or W0 changed
+        in place (merge bumps its version counter): once per optimizer step, instead of in every
+        micro-batch's forward and its gradient-checkpointing recompute (docs/training.md, "A 4-bit
+        base", has the times). A is compared by value, r d_in numbers: version counters would miss a
+        fused AdamW step, which leaves them as they were, and FSDP2's all-gather, which keeps them.
+        Kept: (r + 1) d_out + r d_in numbers per layer, in plain attributes (never saved, nor moved
+        by .to(): a move changes the storage, which is part of the key). torch.compile recomputes."""
+        A = self.A
+        w0 = tuple((t.data_ptr(), t._version) for t in (*self.base.parameters(), *self.base.buffers()))
+        compiling = torch.compiler.is_compiling()
+        if self._frozen is not None and not compiling:
+            then_dtype, then_w0, then_A, n0, W0A = self._frozen
+            if then_dtype == dtype and then_w0 == w0 and then_A.device == A.device and torch.equal(then_A, A):
+                return n0, W0A
+        W0 = idlora.dense_weight(self.base)                                  # (d_out, d_in)
+        W0A = (W0.to(dtype) @ A.T.to(dtype)).to(A.dtype)                     # (d_out, r)
+        n0 = torch.linalg.vector_norm(W0, dim=1, dtype=A.dtype).square()     # (d_out,)
+        if not compiling:
+            self._frozen = (dtype, w0, A.detach().clone(), n0, W0A)
+        return n0, W0A
 
     def forward(self, x):
         y = self.base(x)                                   # (..., d_out) = W0 x + b
@@ -124,7 +164,7 @@ class DoRALinear(nn.Module):
         h = x.to(dt)
         if self.training and self.dropout.p > 0:
             h = self.dropout(h)
-            y0 = F.linear(h, self.base.weight.to(dt))      # W0 x', on the dropped input
+            y0 = frozen_product(self.base, h)              # W0 x', on the dropped input
         else:
             y0 = (y if self.base.bias is None else y - self.base.bias).to(dt)     # W0 x
         lora = (h @ self.A.T.to(dt)) @ (self.B * (self.scaling * mn)[:, None]).T.to(dt)   # (m/n) s B A x'
@@ -135,9 +175,11 @@ class DoRALinear(nn.Module):
     def merge(self):
         """Fold the layer into W0 (for inference): W0 <- m (W0 + s B A) / n; the adapter is then skipped."""
         if not self.merged:
-            W = self.base.weight.to(self.A.dtype) + (self.scaling * self.B) @ self.A
+            if idlora.quantization(self.base):
+                raise ValueError(idlora.MERGE_4BIT)
+            W = idlora.dense_weight(self.base).to(self.A.dtype) + (self.scaling * self.B) @ self.A
             W *= (self.m / torch.linalg.vector_norm(W, dim=1))[:, None]
-            self.base.weight.copy_(W)
+            idlora.write_weight(self.base, W)
             self.merged = True
 
 
@@ -161,10 +203,10 @@ class HydraLoRALinear(nn.Module):
       commit d212d98 of 2024-11-07; before it, it needed a blc_weight that fine-tuning.py never
       set), so nothing is added to the loss."""
 
-    def __init__(self, base: nn.Linear, r, alpha, k=3, dropout=0.0):
+    def __init__(self, base: nn.Module, r, alpha, k=3, dropout=0.0):
         super().__init__()
-        d_out, d_in = base.weight.shape
-        kw = dict(device=base.weight.device, dtype=master_dtype(base))
+        d_out, d_in = idlora.weight_shape(base)
+        kw = dict(device=idlora.layer_device(base), dtype=master_dtype(base))
         self.base = base
         self.r, self.k, self.alpha = r, k, alpha
         self.scaling = alpha / r
@@ -220,10 +262,10 @@ class MoELoRALinear(nn.Module):
       half model compute in float32, as fp32=True here); here the default computes in x's dtype,
       as for every method here."""
 
-    def __init__(self, base: nn.Linear, r, alpha, k=4, dropout=0.0):
+    def __init__(self, base: nn.Module, r, alpha, k=4, dropout=0.0):
         super().__init__()
-        d_out, d_in = base.weight.shape
-        kw = dict(device=base.weight.device, dtype=master_dtype(base))
+        d_out, d_in = idlora.weight_shape(base)
+        kw = dict(device=idlora.layer_device(base), dtype=master_dtype(base))
         self.base = base
         self.r, self.k, self.alpha = r, k, alpha
         self.scaling = alpha / r
@@ -257,7 +299,7 @@ class MoELoRALinear(nn.Module):
 
 # -----------------------------------------------------------------------------
 # 2. Patching: each method's apply function works out its settings and hands idlora.patch the
-# function that makes one layer, (nn.Linear, settings, rank, saved tensors) -> layer. load_adapter
+# function that makes one layer, (base layer, settings, rank, saved tensors) -> layer. load_adapter
 # calls that same function with the settings and tensors from the file.
 
 
@@ -274,7 +316,7 @@ def moelora_layer(lin, cfg, r, saved):
 
 
 def _apply(model, method, make, targets, fp32, **settings):
-    """Every target nn.Linear of `model` -> make(...) at the same rank, in place; freeze the rest."""
+    """Every target layer of `model` (nn.Linear, Conv1D, 4-bit) -> make(...) at the same rank, in place; freeze the rest."""
     layers = find_targets(model, targets)
     idlora.check_rank(layers, settings["r"])
     cfg = dict(method=method, **settings, targets=list(targets), ranks={n: settings["r"] for n, _ in layers})
@@ -282,17 +324,17 @@ def _apply(model, method, make, targets, fp32, **settings):
 
 
 def apply_dora(model, r=32, alpha=64, dropout=0.05, targets=TARGETS, fp32=False):
-    """Replace every target nn.Linear by a DoRALinear, in place; freeze the rest."""
+    """Replace every target layer by a DoRALinear, in place; freeze the rest."""
     return _apply(model, "dora", dora_layer, targets, fp32, r=r, alpha=alpha, dropout=dropout)
 
 
 def apply_hydralora(model, r=16, k=3, alpha=32, dropout=0.05, targets=TARGETS, fp32=False):
-    """Replace every target nn.Linear by a HydraLoRALinear with k B heads, in place; freeze the rest."""
+    """Replace every target layer by a HydraLoRALinear with k B heads, in place; freeze the rest."""
     return _apply(model, "hydralora", hydralora_layer, targets, fp32, r=r, k=k, alpha=alpha, dropout=dropout)
 
 
 def apply_moelora(model, r=8, k=4, alpha=16, dropout=0.05, targets=TARGETS, fp32=False):
-    """Replace every target nn.Linear by a MoELoRALinear with k experts, in place; freeze the rest."""
+    """Replace every target layer by a MoELoRALinear with k experts, in place; freeze the rest."""
     return _apply(model, "moelora", moelora_layer, targets, fp32, r=r, k=k, alpha=alpha, dropout=dropout)
 
 
@@ -306,7 +348,7 @@ def apply_moelora(model, r=8, k=4, alpha=16, dropout=0.05, targets=TARGETS, fp32
 class Method(NamedTuple):
     layer: type           # the adapter layer class
     apply: Callable       # apply_*(model, r=..., ...) -> report: patch every target layer, freeze the rest
-    make: Callable        # (nn.Linear, settings, rank, saved tensors) -> one layer, for load_adapter
+    make: Callable        # (base layer, settings, rank, saved tensors) -> one layer, for load_adapter
     defaults: dict        # the paper's settings (Tables 1-2); alpha = 2r always, dropout 0.05
     nbytes: Callable      # (d_out, d_in, layer) -> bytes its adapter must take (spec section 3, float32)
 
@@ -346,9 +388,12 @@ def mergeable(method):
     return hasattr(METHODS[method].layer, "merge")
 
 
-def load_adapter(model, path, fp32=False):
-    """idlora.load_adapter for an adapter file of any method in the table."""
-    return idlora.load_adapter(model, path, {name: m.make for name, m in METHODS.items()}, fp32)
+def load_adapter(model, path, fp32=False, quantize=True):
+    """idlora.load_adapter for an adapter file of any method in the table. quantize: a full-precision
+    model is quantized as the adapter's base was (nf4), saying so in one line; False keeps it as it is
+    (with a warning when the adapter was trained on another precision)."""
+    quantizers = {"nf4": nf4.quantize} if quantize else None
+    return idlora.load_adapter(model, path, {name: m.make for name, m in METHODS.items()}, fp32, quantizers)
 
 
 # -----------------------------------------------------------------------------

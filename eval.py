@@ -7,6 +7,7 @@ benchmarks (spec section 5).
     python eval.py --task all                                         # the embedded base model, every task
     python eval.py --task humaneval --limit 10 --n-samples 10         # a quick look at 10 problems
     python eval.py --task mmlu --model meta-llama/Meta-Llama-3-8B    # the paper's base model
+    python eval.py --task mmlu --model meta-llama/Meta-Llama-3-8B --quantize nf4   # ... on a 4-bit base
 
 Tasks and metrics:
   gsm8k      test, greedy decoding, accuracy of the final number (after "####", else the last number)
@@ -45,7 +46,7 @@ from tqdm import tqdm
 import baselines
 import data
 import idlora
-from train import EMBEDDED, Help, decoder_layers, format_prompt, load_model
+from train import EMBEDDED, Help, decoder_layers, format_prompt, load_model, quantize_base
 
 TASKS = ("gsm8k", "humaneval", "mmlu", "csqa", "hexphi")
 LETTERS = "ABCDE"
@@ -625,7 +626,8 @@ def run_task(task, model, tok, args):
     metrics, rows, settings = EVALS[task](model, tok, args)
     scores = dict(task=task, metrics=metrics, n=len(rows), model=args.model, adapter=args.adapter,
                   adapter_config=getattr(model, "adapter_config", None), limit=args.limit,
-                  settings=dict(settings, dtype=str(model.dtype), device=str(model.device), data_dir=args.data_dir),
+                  settings=dict(settings, dtype=str(model.dtype), device=str(model.device), data_dir=args.data_dir,
+                                quantize=None if args.quantize == "none" else args.quantize),
                   seconds=round(time.time() - t0, 1))
     json_path, jsonl_path = output_paths(args, task)
     if task in GENERATING:
@@ -666,6 +668,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
                    help="auto = bf16 on CUDA and on CPUs with native bf16 matmuls, else fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda if available, else cpu")
+    p.add_argument("--quantize", choices=["nf4", "none"], help="the base's target layers in 4 bits (NF4, as train.py "
+                   "--quantize nf4) or not; default: as the adapter's base was (recorded in it), else none")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call / forward pass")
     p.add_argument("--max-new-tokens", type=int, default=512, help="generation length (gsm8k, humaneval, hexphi)")
     p.add_argument("--limit", type=int, help="only the first N examples (MMLU: of each subject), for a quick look")
@@ -700,8 +704,11 @@ def parse_args(argv=None):
             p.error(str(e))
         except Exception as e:          # not a safetensors file, or one without an adapter config
             p.error(f"{args.adapter} is not an adapter file written by train.py: {type(e).__name__}: {e}")
-    # The base model an adapter was trained on is recorded in it; an explicit --model wins.
+    # The base model an adapter was trained on is recorded in it, and its quantization; an explicit flag wins.
     args.model = args.model or config.get("base_model") or EMBEDDED
+    args.quantize_from_adapter = args.quantize is None and config.get("quantize") == "nf4"
+    args.quantize = args.quantize or ("nf4" if args.quantize_from_adapter else "none")
+    args.targets = config.get("targets", idlora.TARGETS)
     if args.output_dir is None:
         if args.adapter:
             args.output_dir = os.path.join(os.path.dirname(args.adapter), "eval")
@@ -714,10 +721,15 @@ def parse_args(argv=None):
 
 
 def load(args):
-    """The model as train.py loads it, with the adapter's layers rebuilt and loaded on top."""
-    model, tok = load_model(args.model, args.dtype, args.device)
+    """The model as train.py loads it (quantized as --quantize says), with the adapter's layers rebuilt
+    and loaded on top; a precision other than the adapter's base's gets a warning from load_adapter."""
+    quantize = args.quantize == "nf4"
+    model, tok = load_model(args.model, args.dtype, "cpu" if quantize else args.device)
+    if quantize:
+        quantize_base(model, args.targets, args.device, " as the adapter's base was (--quantize none: full precision)"
+                      if args.quantize_from_adapter else "")
     if args.adapter:
-        rep = baselines.load_adapter(model, args.adapter)
+        rep = baselines.load_adapter(model, args.adapter, quantize=False)
         print(f"adapter {args.adapter}: {rep['method']}, {rep['modules']} modules")
     if args.compile:                  # each decoder layer, as train.py --compile does
         for layer in decoder_layers(model):

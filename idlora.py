@@ -24,7 +24,9 @@ each give r rows); alpha = 2r (the paper's "rank 128 / 256"); dropout acts on th
 z, since x is never multiplied by A separately.
 
 This file has everything: clustering, the ID-LoRA layer, a plain LoRA baseline, patching a
-Hugging Face model, and adapter save/load. It imports nothing else from this project.
+Hugging Face model, and adapter save/load. It imports nothing else from this project. The frozen
+layer may be an nn.Linear, GPT-2's Conv1D, or a 4-bit layer (nf4.py's NF4Linear, or bitsandbytes'
+Linear4bit): section 2 reads each through two small functions, weight_shape and dense_weight.
 baselines.py adds the paper's other baselines (DoRA, HydraLoRA, MoELoRA) through this file's
 patching and save/load, and the table of methods the scripts read.
 
@@ -35,6 +37,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 
 import torch
 import torch.nn as nn
@@ -139,7 +142,110 @@ def cluster_rows(weight, k, r, selection="cluster", seed=0, n_init=1, max_iter=2
 
 
 # -----------------------------------------------------------------------------
-# 2. The layers. Both wrap the frozen nn.Linear (composition, like litgpt/peft) and keep their
+# 2. The layers.
+#
+# The frozen base layer, y = W0 x + b, is read only through the functions below, so every method
+# adapts any layer of these kinds (duck-typed: this file imports none of their modules):
+#   nn.Linear                 weight (d_out, d_in)
+#   GPT-2's Conv1D            weight (d_in, d_out), transposed (transformers.pytorch_utils.Conv1D)
+#   a 4-bit layer with dequantize(), e.g. nf4.NF4Linear (train.py --quantize nf4)
+#   bitsandbytes' Linear4bit  what transformers loads with BitsAndBytesConfig(load_in_4bit=True)
+# ID-LoRA needs only the layer's output (A_i x is a gather from it). PMRC, DoRA's row norm and
+# merging need W0's rows: a 4-bit layer gives them by dequantizing.
+
+
+def _kind(layer):
+    """"linear", "conv1d", "dequantize", "bnb4", or None for a layer this file cannot adapt."""
+    bnb = sys.modules.get("bitsandbytes")                   # loaded if the model holds its layers
+    if bnb is not None and isinstance(layer, bnb.nn.Linear4bit):
+        return "bnb4"
+    if callable(getattr(layer, "dequantize", None)) and hasattr(layer, "out_features"):
+        return "dequantize"
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    if pytorch_utils is not None and isinstance(layer, pytorch_utils.Conv1D):
+        return "conv1d"
+    if isinstance(layer, nn.Linear) and layer.weight.is_floating_point():
+        return "linear"                                     # an int8 nn.Linear subclass is not
+    return None
+
+
+def weight_shape(layer):
+    """(d_out, d_in) of a base layer."""
+    if _kind(layer) in ("dequantize", "bnb4"):
+        return layer.out_features, layer.in_features
+    return tuple(dense_weight(layer).shape)                 # a view: costs nothing
+
+
+def dense_weight(layer):
+    """W0, (d_out, d_in), row i making output i: nn.Linear's weight itself; Conv1D's transposed (a view:
+    the rows PMRC clusters are its columns); a 4-bit layer's dequantized, a new tensor in the dtype
+    the layer computes in."""
+    kind = _kind(layer)
+    if kind == "dequantize":
+        return layer.dequantize()
+    if kind == "bnb4":
+        from bitsandbytes.functional import dequantize_4bit
+        _bnb_unpack(layer)
+        return dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    if kind == "conv1d":
+        return layer.weight.T
+    return layer.weight
+
+
+def weight_dtype(layer):
+    """The dtype of dense_weight(layer), without dequantizing."""
+    kind = _kind(layer)
+    if kind == "dequantize":
+        return layer.dtype
+    if kind == "bnb4":
+        return layer.weight.quant_state.dtype
+    return layer.weight.dtype
+
+
+def layer_device(layer):
+    return next(t for t in (*layer.parameters(), *layer.buffers())).device
+
+
+def quantization(layer):
+    """None for a full-precision base layer, else its 4-bit format: "nf4" (nf4.NF4Linear) or
+    "bitsandbytes-nf4" / "bitsandbytes-fp4". Adapter files record it."""
+    kind = _kind(layer)
+    if kind == "dequantize":
+        return getattr(layer, "quantization", type(layer).__name__)
+    if kind == "bnb4":
+        return f"bitsandbytes-{layer.weight.quant_state.quant_type}"
+    return None
+
+
+def _bnb_unpack(layer):
+    """bitsandbytes on an AVX512-BF16 CPU repacks a Linear4bit's weight in place at its first eval-mode
+    forward without grad (a validation pass, say). After that dequantize_4bit reads it wrong, and its
+    forward has no backward: gradients stop reaching the layers below, with only a warning
+    (docs/training.md, "A 4-bit base"). So the repacking is turned off, and one already done is undone
+    (as bitsandbytes itself does before saving or moving the layer)."""
+    layer.support_avx512bf16_for_cpu = False
+    if getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+        layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+            layer.weight.data, layer.weight.quant_state)
+        layer.quant_state = layer.weight.quant_state
+
+
+MERGE_4BIT = ("cannot merge into a 4-bit base: the merged weight would be rounded to 4 bits, and the update "
+              "with it; load the adapter on a full-precision base (eval.py --quantize none, or "
+              "baselines.load_adapter(..., quantize=False)) and merge there")
+
+
+@torch.no_grad()
+def write_weight(layer, W):
+    """W0 <- W (d_out, d_in), in the layer's own layout (for merging); a 4-bit layer refuses."""
+    kind = _kind(layer)
+    if kind not in ("linear", "conv1d"):
+        raise ValueError(MERGE_4BIT)
+    dense_weight(layer).copy_(W)                            # Conv1D: through its transposed view
+
+
+# Both adapter layers below wrap the frozen base layer (composition, like litgpt/peft) and keep their
 # trainable tensors in float32: those are the master weights, and AdamW's state is float32 too.
 #
 # The arithmetic of the update runs, by default, in the base layer's dtype: each forward uses the
@@ -225,12 +331,12 @@ class GatherColumns(torch.autograd.Function):
 
 class IDLoRALinear(nn.Module):
     """y = W0 x + (alpha/r) [B u_1 | ... | B u_m], u = sum_i softmax(W_g x)_i (W0 x)[J_i].
-    `idx` holds J, (k, r) row indices into base.weight; the scale is alpha / r, with r = idx.shape[1]."""
+    `idx` holds J, (k, r) row indices into W0 (dense_weight(base)); the scale is alpha / r, with r = idx.shape[1]."""
 
-    def __init__(self, base: nn.Linear, idx, alpha, boost=2, dropout=0.0, fp32=False):
+    def __init__(self, base: nn.Module, idx, alpha, boost=2, dropout=0.0, fp32=False):
         super().__init__()
         k, r = idx.shape
-        d_out, d_in = base.weight.shape
+        d_out, d_in = weight_shape(base)
         if r % boost or d_out % boost:
             raise ValueError(f"boost={boost} must divide r={r} and d_out={d_out}")
         if idx.unique().numel() != idx.numel():
@@ -239,7 +345,7 @@ class IDLoRALinear(nn.Module):
         self.k, self.r, self.boost, self.alpha = k, r, boost, alpha
         self.scaling = alpha / r
         self.fp32 = fp32                                   # update in float32 instead of the base dtype
-        dev = base.weight.device
+        dev = layer_device(base)
         self.register_buffer("idx", idx.to(device=dev, dtype=torch.long))   # (k, r) row indices into W0
         # The router W_g: (k, d_in), with nn.Linear's default (Kaiming-uniform) init, as in HydraLoRA.
         self.router = nn.Parameter(torch.empty(k, d_in, device=dev))
@@ -267,10 +373,10 @@ class IDLoRALinear(nn.Module):
 class LoRALinear(nn.Module):
     """Plain LoRA, the paper's baseline: y = W0 x + (alpha/r) B A dropout(x)."""
 
-    def __init__(self, base: nn.Linear, r, alpha, dropout=0.0, fp32=False):
+    def __init__(self, base: nn.Module, r, alpha, dropout=0.0, fp32=False):
         super().__init__()
-        d_out, d_in = base.weight.shape
-        dev = base.weight.device
+        d_out, d_in = weight_shape(base)
+        dev = layer_device(base)
         self.base = base
         self.r, self.alpha = r, alpha
         self.scaling = alpha / r
@@ -293,8 +399,8 @@ class LoRALinear(nn.Module):
     def merge(self):
         """Fold the update into W0 (for inference); the adapter is then skipped."""
         if not self.merged:
-            delta = self.scaling * (self.B @ self.A)
-            self.base.weight += delta.to(self.base.weight.dtype)
+            delta = self.scaling * (self.B @ self.A)                  # (d_out, d_in)
+            write_weight(self.base, dense_weight(self.base) + delta.to(weight_dtype(self.base)))
             self.merged = True
 
 
@@ -303,14 +409,21 @@ class LoRALinear(nn.Module):
 
 
 def find_targets(model, targets):
-    """The (name, nn.Linear) pairs whose last name part is in `targets`; an error if a target
-    matches nothing, so a typo never silently trains an unpatched model."""
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """The (name, layer) pairs whose last name part is in `targets`, each a linear layer of a kind
+    section 2 reads (nn.Linear, Conv1D, 4-bit); an error if a target matches nothing, so a typo never
+    silently trains an unpatched model, and one naming the class of a target this file cannot read
+    (an 8-bit or GPTQ layer, say)."""
+    linears = [(n, m) for n, m in model.named_modules() if _kind(m)]
+    for n, m in model.named_modules():
+        if n.rsplit(".", 1)[-1] in targets and not _kind(m) and not any(m.children()):
+            raise ValueError(f"{n} is a {type(m).__module__}.{type(m).__name__}, which cannot be adapted here: load the "
+                             f"model in full precision (pass --quantize nf4 for a 4-bit base), or in 4-bit with "
+                             f"bitsandbytes (BitsAndBytesConfig(load_in_4bit=True))")
     found = [(n, m) for n, m in linears if n.rsplit(".", 1)[-1] in targets]
     missing = [t for t in targets if not any(n.rsplit(".", 1)[-1] == t for n, _ in found)]
     if missing:
         names = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
-        raise ValueError(f"target module(s) {missing} match no nn.Linear in the model; "
+        raise ValueError(f"target module(s) {missing} match no linear layer in the model; "
                          f"its linear layers are named {names}")
     return found
 
@@ -319,9 +432,9 @@ def check_rank(layers, r):
     """A rank-r factor needs 1 <= r <= min(d_out, d_in) in every layer: a larger r adds no rank,
     only memory (and a typo like 100000 would ask for gigabytes)."""
     for name, lin in layers:
-        if not 1 <= r <= min(lin.weight.shape):
-            raise ValueError(f"rank {r} does not fit {name} of shape {tuple(lin.weight.shape)}: "
-                             f"it needs 1 <= r <= {min(lin.weight.shape)}")
+        shape = weight_shape(lin)
+        if not 1 <= r <= min(shape):
+            raise ValueError(f"rank {r} does not fit {name} of shape {shape}: it needs 1 <= r <= {min(shape)}")
 
 
 def fit_rank(name, d_out, r, k, boost):
@@ -350,32 +463,44 @@ def _freeze(model):
         model.enable_input_require_grads()
 
 
+def base_quantization(layers):
+    """The quantization of the base layers of `layers` ((name, layer) pairs), one value: None (full
+    precision), "nf4", ...; "+"-joined when they differ."""
+    found = sorted({str(quantization(lin)) for _, lin in layers})
+    return None if found == ["None"] else "+".join(found)
+
+
 def patch(model, layers, config, make, fp32=False):
-    """Replace every (name, nn.Linear) of `layers` by make(name, linear), in place; freeze the
+    """Replace every (name, base layer) of `layers` by make(name, layer), in place; freeze the
     rest; record `config` (the settings save_adapter writes, with each layer's rank in
-    config["ranks"]). The one patching routine of every method, here and in baselines.py: an
-    apply_* function works out its settings and hands over how to make one layer. fp32: every
-    layer computes its update in float32 instead of the base dtype (section 2), a choice made at
-    run time, not saved."""
+    config["ranks"], and the base's quantization in config["quantize"]). The one patching routine
+    of every method, here and in baselines.py: an apply_* function works out its settings and
+    hands over how to make one layer. fp32: every layer computes its update in float32 instead of
+    the base dtype (section 2), a choice made at run time, not saved."""
     _freeze(model)
+    quantize = base_quantization(layers)
     for name, lin in layers:
+        if _kind(lin) == "bnb4":
+            _bnb_unpack(lin)                                # trainable, whatever ran before (section 2)
         layer = make(name, lin)
         layer.fp32 = fp32
         _replace(model, name, layer)
-    model.adapter_config = config
+    model.adapter_config = dict(config, quantize=quantize)
     return report(model)
 
 
 PMRC_VERSION = 2   # part of the cache key: bump it when the clustering code changes its output
 
 
-def _cache_path(cache_dir, name, weight, k, r, selection, seed, n_init, max_iter):
-    """One file per layer, keyed by everything that determines its indices. The weight is
-    fingerprinted from ~64k of its values (exact would mean hashing GBs): a different
-    model, or a fine-tuned copy, gets a different key."""
+def _cache_path(cache_dir, name, weight, k, r, selection, seed, n_init, max_iter, quantize=None):
+    """One file per layer, keyed by everything that determines its indices. The weight (the rows
+    PMRC clusters: a 4-bit layer's dequantized) is fingerprinted from ~64k of its values (exact would
+    mean hashing GBs): a different model, or a fine-tuned copy, gets a different key. A quantized
+    base's rows are keyed by its format too (full precision adds nothing, so older entries stay valid)."""
     w = weight.detach().flatten()
     sample = w[:: max(1, w.numel() // 65536)].float().cpu().numpy().tobytes()
-    key = json.dumps([PMRC_VERSION, name, list(weight.shape), k, r, selection, seed, n_init, max_iter])
+    key = json.dumps([PMRC_VERSION, name, list(weight.shape), k, r, selection, seed, n_init, max_iter]
+                     + ([quantize] if quantize else []))
     digest = hashlib.sha256(key.encode() + sample).hexdigest()[:20]
     return os.path.join(cache_dir, f"{name}.{digest}.pt")
 
@@ -407,15 +532,18 @@ def _map_in_processes(fn, jobs, n_jobs):
 
 
 def row_indices(layers, ranks, k, selection, seed, n_init, max_iter, cache_dir, n_jobs=1):
-    """{name: (k, r) row indices} for every (name, nn.Linear) in `layers`: from the cache where
+    """{name: (k, r) row indices} for every (name, base layer) in `layers`: from the cache where
     present, else computed; with n_jobs > 1, one matrix per process, each on its share of the
-    cores (results/bench.md: 224 LLaMA-3-8B matrices in 2.5 min with 2 processes on 2 cores, 3.2 with 1)."""
+    cores (results/bench.md: 224 LLaMA-3-8B matrices in 2.5 min with 2 processes on 2 cores, 3.2 with 1).
+    PMRC clusters the rows the forward uses: a 4-bit layer's dequantized rows (dense_weight), made
+    one layer at a time."""
     clustering = selection == "cluster"          # serial/random cost nothing: never cached
     idx, todo = {}, []
     for name, lin in layers:
         path = None
         if cache_dir is not None and clustering:
-            path = _cache_path(cache_dir, name, lin.weight, k, ranks[name], selection, seed, n_init, max_iter)
+            path = _cache_path(cache_dir, name, dense_weight(lin), k, ranks[name], selection, seed, n_init, max_iter,
+                               quantization(lin))
             if os.path.exists(path):
                 idx[name] = torch.load(path)
                 continue
@@ -423,7 +551,7 @@ def row_indices(layers, ranks, k, selection, seed, n_init, max_iter, cache_dir, 
     parallel = clustering and n_jobs > 1 and len(todo) > 1
     # In one process the weight is clustered where it lives (a GPU makes the distances cheap);
     # a worker process gets a float32 CPU copy, made one at a time as the pool asks for it.
-    jobs = ((lin.weight.detach().float().cpu() if parallel else lin.weight,
+    jobs = ((dense_weight(lin).detach().float().cpu() if parallel else dense_weight(lin),
              k, ranks[name], selection, seed, n_init, max_iter) for name, lin, _ in todo)
     results = _map_in_processes(_cluster, jobs, n_jobs) if parallel else map(_cluster, jobs)
     desc = f"PMRC (k={k}, {n_jobs if parallel else 1} process{'es' if parallel else ''})"
@@ -446,15 +574,15 @@ def idlora_layer(lin, cfg, r, saved):
 
 def apply_idlora(model, r=128, k=4, alpha=256, boost=2, dropout=0.05, targets=TARGETS,
                  selection="cluster", seed=0, cache_dir=None, n_init=1, max_iter=20, n_jobs=1, fp32=False):
-    """Replace every target nn.Linear of `model` by an IDLoRALinear, in place; freeze the rest.
+    """Replace every target layer of `model` (nn.Linear, Conv1D, 4-bit) by an IDLoRALinear, in place; freeze the rest.
     Returns a report: modules patched, the rank each layer got, trainable parameters.
     cache_dir stores the clustered row indices; n_jobs clusters that many matrices at once;
     fp32 computes the update in float32 rather than the base dtype (section 2)."""
     if r % boost:
         raise ValueError(f"r={r} is not divisible by boost={boost}")
     layers = find_targets(model, targets)
-    ranks = {name: fit_rank(name, lin.weight.shape[0], r, k, boost) for name, lin in layers}
-    clamped = {tuple(lin.weight.shape): ranks[n] for n, lin in layers if ranks[n] < r}
+    ranks = {name: fit_rank(name, weight_shape(lin)[0], r, k, boost) for name, lin in layers}
+    clamped = {weight_shape(lin): ranks[n] for n, lin in layers if ranks[n] < r}
     for shape, r_l in clamped.items():   # the rank depends on d_out only: one line per shape
         print(f"idlora: layers of shape {shape} have {shape[0]} rows < k*r = {k * r}: rank {r_l} used")
     idx = row_indices(layers, ranks, k, selection, seed, n_init, max_iter, cache_dir, n_jobs)
@@ -469,7 +597,7 @@ def lora_layer(lin, cfg, r, saved):
 
 
 def apply_lora(model, r=32, alpha=64, dropout=0.05, targets=TARGETS, fp32=False):
-    """Replace every target nn.Linear by a LoRALinear, in place; freeze the rest. The defaults
+    """Replace every target layer by a LoRALinear, in place; freeze the rest. The defaults
     are the paper's LoRA baseline (r=32, its Tables 1-2)."""
     layers = find_targets(model, targets)
     check_rank(layers, r)
@@ -492,7 +620,7 @@ def report(model):
 # 4. Saving and loading, for every adapter layer, in one safetensors file: each layer's own
 # tensors (ID-LoRA: idx, router, B; LoRA: A, B) under "<layer name>.<tensor name>", and the
 # settings that rebuild the layers as JSON metadata. An adapter layer wraps its frozen
-# nn.Linear as `self.base` and keeps its own tensors as direct parameters and buffers, so
+# base layer as `self.base` and keeps its own tensors as direct parameters and buffers, so
 # "the adapter" is exactly those, for any method.
 
 
@@ -522,13 +650,19 @@ def read_adapter_config(path):
         return json.loads(f.metadata()["adapter_config"])
 
 
-def load_adapter(model, path, makers=None, fp32=False):
+def load_adapter(model, path, makers=None, fp32=False, quantizers=None):
     """Rebuild the adapter layers saved in `path` on a fresh base model (no clustering) and
     load their tensors. `makers` maps a method to the function that makes one of its layers,
-    (nn.Linear, saved settings, rank, saved tensors) -> layer; by default this file's two
+    (base layer, saved settings, rank, saved tensors) -> layer; by default this file's two
     (baselines.load_adapter passes every method's). Each saved tensor must have the shape of
     the rebuilt layer's: a model whose shapes differ from the saved adapter is an error.
-    fp32: compute the update in float32 rather than the base dtype (section 2)."""
+    fp32: compute the update in float32 rather than the base dtype (section 2).
+
+    The file records the base's quantization (config["quantize"]; files from before it was
+    recorded hold full-precision adapters). A full-precision `model` is quantized the same way
+    when `quantizers`, {format: quantize(model, targets)}, has that format (baselines.load_adapter
+    passes nf4.quantize), with one line saying so; any other difference prints a warning: the
+    adapter then runs on other weights than it was trained on."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no adapter file at {path}")
     makers = makers or {"idlora": idlora_layer, "lora": lora_layer}
@@ -541,9 +675,19 @@ def load_adapter(model, path, makers=None, fp32=False):
         saved.setdefault(name, {})[t_name] = t
     modules = dict(model.named_modules())
     for name in cfg["ranks"]:
-        if not isinstance(modules.get(name), nn.Linear):
-            raise ValueError(f"adapter layer {name} is not an nn.Linear in this model "
+        if not _kind(modules.get(name)):
+            raise ValueError(f"adapter layer {name} is not a linear layer in this model "
                              f"(was it saved from a different architecture?)")
+    trained_on = cfg.get("quantize")
+    given = base_quantization([(name, modules[name]) for name in cfg["ranks"]])
+    if trained_on != given and given is None and trained_on in (quantizers or {}):
+        quantizers[trained_on](model, cfg["targets"])
+        modules = dict(model.named_modules())
+        print(f"{path} was trained on a {trained_on} base: this base's {len(cfg['ranks'])} adapted layers "
+              f"are quantized to {trained_on} too")
+    elif trained_on != given:
+        print(f"warning: {path} was trained on a {trained_on or 'full-precision'} base and is loaded on a "
+              f"{given or 'full-precision'} one: its outputs are not those of the model it trained")
 
     def make(name, lin):
         new = makers[cfg["method"]](lin, cfg, cfg["ranks"][name], saved.get(name, {}))
@@ -552,7 +696,7 @@ def load_adapter(model, path, makers=None, fp32=False):
         got = {t: tuple(v.shape) for t, v in saved.get(name, {}).items()}
         if got != want:
             raise ValueError(f"{name}: adapter shapes {got} do not fit this model's layer of shape "
-                             f"{tuple(lin.weight.shape)}, which needs {want}")
+                             f"{weight_shape(lin)}, which needs {want}")
         with torch.no_grad():
             for t, v in own.items():
                 v.copy_(saved[name][t])

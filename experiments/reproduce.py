@@ -118,14 +118,19 @@ def start_grid(args, method):
     """The lrs a method's search starts from: --lrs (full fine-tuning: --lrs x FULL_LR); or, with
     --lrs-around DIR, the lr the method chose in the same study's results in DIR (replayed by
     lr_search) and the half-decade on each side of it, so a longer study starts where the shorter
-    one ended, for every method alike."""
-    if not args.lrs_around:
+    one ended, for every method alike; or, with --lrs-from DIR, that lr alone (no search: a study
+    that changes one thing, e.g. --quantize, at the lrs already chosen)."""
+    earlier_dir = args.lrs_around or args.lrs_from
+    if not earlier_dir:
         return sorted(float(f"{lr * FULL_LR:.3g}") for lr in args.lrs) if method == "full" else sorted(args.lrs)
-    earlier = argparse.Namespace(**{**vars(args), "results": args.lrs_around, "lrs_around": None})
+    earlier = argparse.Namespace(**{**vars(args), "results": earlier_dir, "lrs_around": None, "lrs_from": None})
     best = lr_search(earlier, method)[1]
     if best is None:
-        raise SystemExit(f"error: --lrs-around {args.lrs_around}: {method} has no complete learning-rate "
-                         f"search in {os.path.join(args.lrs_around, args.study)}")
+        flag = "--lrs-around" if args.lrs_around else "--lrs-from"
+        raise SystemExit(f"error: {flag} {earlier_dir}: {method} has no complete learning-rate "
+                         f"search in {os.path.join(earlier_dir, args.study)}")
+    if args.lrs_from:
+        return [best]
     return [float(f"{best / LR_STEP:.0e}"), best, float(f"{best * LR_STEP:.0e}")]
 
 
@@ -247,7 +252,7 @@ def train_run(args, out, method, lr, seed, records):
             "--seed", str(seed), "--max-len", str(args.max_len), "--batch-size", str(args.batch_size),
             "--micro-batch-size", str(args.micro_batch_size), "--output-dir", out, "--device", args.device,
             "--dtype", args.dtype,
-            "--save-every", "5", "--no-grad-ckpt"]
+            "--save-every", "5", "--no-grad-ckpt"] + (["--quantize", args.quantize] if args.quantize else [])
     if args.study == "gsm8k":
         argv += ["--max-examples", str(args.train_examples)]
     else:
@@ -266,7 +271,8 @@ def scores(args, out, method):
     """Accuracy from eval.py: GSM8K greedy (gsm8k study) or zero-shot MMLU and CSQA (multitask), of
     the base model, a run's adapter on it, or a full fine-tune's model folder."""
     model = ["--model", os.path.join(out, "model")] if method == "full" else ["--model", args.model]
-    common = model + ["--device", args.device, "--dtype", args.dtype, "--output-dir", os.path.join(out, "eval")]
+    common = model + ["--device", args.device, "--dtype", args.dtype, "--output-dir", os.path.join(out, "eval"),
+                      "--quantize", args.quantize or "none"]
     common += (["--adapter", out] if method not in ("base", "full") else []) + (["--data-dir", args.data_dir] if args.data_dir else [])
     if args.study == "gsm8k":
         tasks = {"gsm8k": (args.accuracy_examples, ["--max-new-tokens", str(args.max_new_tokens)])}
@@ -307,6 +313,8 @@ def one_run(args, name, method, lr, seed, records, val, test):
     curve = learning_curve(args, out, val, test) if method != "base" and args.eval_at else None
     if method == "base":
         model, tok = train.load_model(args.model, args.dtype, args.device)
+        if args.quantize:
+            train.quantize_base(model, idlora.TARGETS, args.device)
     else:
         model, tok = train.load_trained(out, args.device, args.dtype, base=args.model)   # the adapter on the base, or model/
     val_loss, test_loss = losses(args, model, tok, val), losses(args, model, tok, test)
@@ -326,6 +334,7 @@ def one_run(args, name, method, lr, seed, records, val, test):
     t1 = time.time()
     row.update(accuracy=scores(args, out, method), train_seconds=train_s,
                eval_seconds=round(time.time() - t1), device=args.device, dtype=args.dtype, model=args.model,
+               quantize=args.quantize,
                threads=torch.get_num_threads())                    # CPU threads of this process
     os.makedirs(os.path.dirname(result_path(args, name)), exist_ok=True)
     with open(result_path(args, name) + ".tmp", "w") as f:
@@ -505,8 +514,11 @@ def main(argv=None):
     p.add_argument("--table", action="store_true", help="only rebuild the table and plot")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
     p.add_argument("--lrs", default="2e-4,6e-4,2e-3", help="the learning-rate grid to start from, the same for every method")
-    p.add_argument("--lrs-around", metavar="DIR", help="start each method's grid at the lr it chose in the same study's "
-                   "results in DIR (e.g. results/cpu) and the half-decade on each side, instead of --lrs")
+    lrs = p.add_mutually_exclusive_group()
+    lrs.add_argument("--lrs-around", metavar="DIR", help="start each method's grid at the lr it chose in the same study's "
+                     "results in DIR (e.g. results/cpu) and the half-decade on each side, instead of --lrs")
+    lrs.add_argument("--lrs-from", metavar="DIR", help="train each method at the lr it chose in the same study's results "
+                     "in DIR only, with no search (e.g. the same study on a 4-bit base)")
     p.add_argument("--eval-at", default="", help="comma-separated steps at which held-out loss is also recorded "
                    "(a learning curve from one run; the final step always is)")
     p.add_argument("--lr-extensions", type=int, default=2,
@@ -529,6 +541,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda if available, else cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                    help="base weights; every committed result is fp32, so new ones stay comparable (recorded in each file)")
+    p.add_argument("--quantize", choices=["nf4"], help="train and score every method on a frozen 4-bit base (train.py "
+                   "--quantize nf4, recorded in each file); --results and --runs must then name a folder with nf4 in its path")
     p.add_argument("--data-dir", help="folder with local data files (see data/README.md)")
     p.add_argument("--runs", default="runs/repro", help="training runs and checkpoints (not committed)")
     p.add_argument("--results", default="results", help="result files: <results>/<study>/<run>.json, table.md, plots")
@@ -543,8 +557,15 @@ def main(argv=None):
         args.eval_at = sorted({int(x) for x in args.eval_at.split(",") if x})
     except ValueError:
         p.error(f"--eval-at takes step numbers like 16,32,64, got {args.eval_at!r}")
-    if args.lrs_around and not os.path.isdir(os.path.join(args.lrs_around, args.study)):
-        p.error(f"--lrs-around: no {args.study} results in {args.lrs_around}")
+    for flag, folder in (("--lrs-around", args.lrs_around), ("--lrs-from", args.lrs_from)):
+        if folder and not os.path.isdir(os.path.join(folder, args.study)):
+            p.error(f"{flag}: no {args.study} results in {folder}")
+    if args.quantize and "full" in args.methods:
+        p.error(f"--quantize {args.quantize}: full fine-tuning has no frozen base to quantize; leave 'full' out of --methods")
+    for flag, folder in (("--results", args.results), ("--runs", args.runs)):
+        if args.quantize and args.quantize not in folder:
+            p.error(f"--quantize {args.quantize}: {flag} {folder} must have {args.quantize} in its path (e.g. "
+                    f"{folder.rstrip('/')}-{args.quantize}), so that 4-bit runs never mix with full-precision ones")
     args.seeds = [int(x) for x in args.seeds.split(",") if x]
     args.accuracy_examples = args.accuracy_examples or args.test_examples
     if args.table:

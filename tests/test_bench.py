@@ -31,6 +31,33 @@ def test_gpu_suite_writes_its_figures(tmp_path, tiny_model_dir, monkeypatch):
     assert md.count("\n| ") == 2 + 6 + 2 and "lora:16 merged" in md      # 2 headers, 6 variants, 2 compiled
 
 
+def test_gpu_suite_on_a_4bit_base(tmp_path, tiny_model_dir, monkeypatch):
+    """--quantize nf4: the suite's model in 4 bits, its files gpu-nf4.*, no merged row (a 4-bit W0 cannot
+    take a merge)."""
+    monkeypatch.setattr(torch, "compile", lambda m: m)
+    out = tmp_path / "bench"
+    bench.main(["--suite", "gpu", "--device", "cpu", "--dtype", "fp32", "--model-config", "", "--quantize", "nf4",
+                "--model", tiny_model_dir, "--cluster-cache", "", "--batch", "1", "--seq-len", "16",
+                "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(out)])
+    saved = json.loads((out / "gpu-nf4.json").read_text())
+    assert saved["quantize"] == "nf4" and saved["lora16_merged_forward_vs_base"] is None
+    assert 0 < saved["idlora_peak_gb"] < 100 and not (out / "gpu.json").exists()
+    md = (out / "gpu-nf4.md").read_text()
+    assert md.count("\n| ") == 2 + 5 + 2 and "merged" not in md and "target layers in nf4" in md
+
+
+def test_memory_and_params_sections_on_a_4bit_base(tiny_model_dir, capsys):
+    """The params section counts the 4-bit base's buffers and no merge; the memory section gives the
+    step's seconds and the peak while loading."""
+    bench.main(["--only", "params,memory", "--model", tiny_model_dir, "--dtype", "fp32", "--device", "cpu",
+                "--quantize", "nf4", "--configs", "base,lora:4,dora:4", "--cluster-cache", "", "--batch", "1",
+                "--seq-len", "8", "--memory-repeats", "1", "--memory-steps", "1", "--threads", "1"])
+    text = capsys.readouterr().out
+    rows = {l.split(" | ")[0]: l.split(" | ") for l in text.splitlines() if l.startswith("| ")}
+    assert rows["| dora:4"][8] == rows["| dora:4"][4] != "0" and rows["| dora:4"][7] == "yes"   # not merged: kept at inference
+    assert "| peak while loading and patching | s per step |" in text and "target layers in nf4" in text
+
+
 def test_op_proxy_sees_fewer_ops_and_bytes_in_the_base_dtype_path():
     torch.manual_seed(0)
     base = nn.Linear(256, 512, bias=False).to(torch.bfloat16).requires_grad_(False)

@@ -180,6 +180,21 @@ def test_fsdp_sigkill_then_one_process_resume(tmp_path, tiny_model_dir, gsm8k_di
         (2, 1, {"save_every": [2, 100], "parallel": ["fsdp", None]})]
 
 
+def test_ddp_on_a_4bit_base_makes_one_process_update(tmp_path, tiny_model_dir, gsm8k_dir):
+    """--quantize nf4 under DDP (2 processes): every rank quantizes its base alike (the 4-bit codes are
+    buffers, copied from rank 0 when DDP starts), and the losses and adapter are one process's."""
+    one = tmp_path / "one"
+    train.main(args(tiny_model_dir, gsm8k_dir, one, "--quantize", "nf4", "--max-steps", "2"))
+    out = tmp_path / "ddp"
+    code, log, _ = torchrun(tmp_path, args(tiny_model_dir, gsm8k_dir, out, "--quantize", "nf4", "--max-steps", "2"),
+                            stop_at=0, how="")
+    assert code == 0, log[-3000:]
+    assert [r["loss"] for r in metrics(out)] == pytest.approx([r["loss"] for r in metrics(one)], abs=1e-5)
+    a, b = load_file(os.path.join(out, "adapter.safetensors")), load_file(os.path.join(one, "adapter.safetensors"))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert idlora.read_adapter_config(os.path.join(out, "adapter.safetensors"))["quantize"] == "nf4"
+
+
 def test_rank_shares_and_batch_split_errors(monkeypatch, capsys):
     assert [train.rank_share(list(range(8)), 2, r, 2) for r in range(2)] == [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]
     # an epoch's short last batch: one process's micro-batches [0 1] [2 3] [4], shared out whole

@@ -440,6 +440,43 @@ def test_adapter_run(tmp_path, tiny_dir, data_dir, method):
         sum(r["correct"] for r in rows) / 2)
 
 
+def test_a_4bit_adapter_is_scored_on_a_4bit_base(tmp_path, tiny_dir, data_dir, capsys):
+    """The adapter file records its base's quantization: eval.py quantizes the base the same way by
+    default and says so in one line, and scores what the trained model scores; --quantize none scores
+    it on the full-precision base with a warning; --quantize nf4 quantizes a bare base too."""
+    import nf4
+    model, tok = train.load_model(tiny_dir, "fp32")
+    nf4.quantize(model)
+    baselines.apply(model, "dora", r=4, dropout=0.0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name in model.adapter_config["ranks"]:
+            model.get_submodule(name).B.normal_(std=0.5)
+    run = tmp_path / "run"
+    idlora.save_adapter(model, str(run / "adapter.safetensors"))
+    argv = ["--task", "csqa", "--adapter", str(run), "--data-dir", data_dir, "--limit", "2", "--dtype", "fp32"]
+    capsys.readouterr()
+    ev.main(argv)
+    printed = capsys.readouterr().out
+    assert ("quantize nf4: 14 layers (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) in 4 bits as the "
+            "adapter's base was (--quantize none: full precision)") in printed and "warning" not in printed
+    scores = json.load(open(run / "eval" / "csqa-limit2.json"))
+    assert scores["settings"]["quantize"] == "nf4" and scores["adapter_config"]["quantize"] == "nf4"
+    records = data.load("csqa", "validation", data_dir)[:2]
+    want = ev.option_logprobs(model.eval(), tok, [ev.csqa_prompt(r) for r in records], [list("ABCDE")] * 2, 8)
+    rows = [json.loads(l) for l in open(run / "eval" / "csqa-limit2.jsonl")]
+    assert [list(r["scores"].values()) for r in rows] == want                   # exactly the trained model's
+    ev.main(argv + ["--quantize", "none", "--output-dir", str(tmp_path / "full")])
+    printed = capsys.readouterr().out
+    assert "quantize nf4" not in printed and (f"warning: {run}/adapter.safetensors was trained on a nf4 base and is "
+                                              f"loaded on a full-precision one") in printed
+    assert json.load(open(tmp_path / "full" / "csqa-limit2.json"))["settings"]["quantize"] is None
+    ev.main(["--task", "csqa", "--model", tiny_dir, "--data-dir", data_dir, "--limit", "2", "--quantize", "nf4",
+             "--output-dir", str(tmp_path / "base")])
+    assert "quantize nf4: 14 layers" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "base" / "csqa-limit2.json"))["settings"]["quantize"] == "nf4"
+
+
 def test_full_fine_tune_run(tmp_path, tiny_dir, data_dir, capsys):
     """train.py --method full writes <run>/model, which eval.py --model loads as any model folder
     (weights, config.json, tokenizer): the trained weights are scored, into <run>/eval."""

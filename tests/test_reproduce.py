@@ -83,7 +83,7 @@ def test_lr_search_grows_the_grid_past_an_edge_until_the_best_is_inside(tmp_path
     per edge; the extra seeds wait until the search is complete, then run seed by seed, for the
     --seed-methods only."""
     args = argparse.Namespace(study="gsm8k", results=str(tmp_path), lrs=[2e-4, 6e-4, 2e-3], lr_extensions=2, lrs_around=None,
-                              methods=["idlora-r128-k4", "lora-r16"], seeds=[1, 2], seed_methods=list(reproduce.MAIN))
+                              lrs_from=None, methods=["idlora-r128-k4", "lora-r16"], seeds=[1, 2], seed_methods=list(reproduce.MAIN))
     os.makedirs(tmp_path / "gsm8k")
 
     def record(method, lr, val_loss):
@@ -116,7 +116,7 @@ def test_lrs_around_starts_each_method_where_the_earlier_study_chose(tmp_path):
     """--lrs-around DIR: each method's grid starts at the lr it chose in DIR (its search replayed from
     --lrs) and the half-decade on each side; the usual rule then grows it from there."""
     earlier = argparse.Namespace(study="gsm8k", results=str(tmp_path / "short"), lrs=[2e-4, 6e-4, 2e-3],
-                                 lr_extensions=2, lrs_around=None)
+                                 lr_extensions=2, lrs_around=None, lrs_from=None)
     os.makedirs(tmp_path / "short" / "gsm8k")
     for method, vals in (("idlora-r128-k4", (0.80, 0.81, 0.95)), ("lora-r16", (1.04, 0.83, 0.85))):
         for lr, val in zip(earlier.lrs, vals):
@@ -133,6 +133,41 @@ def test_lrs_around_starts_each_method_where_the_earlier_study_chose(tmp_path):
     args.methods = ["lora-r8"]                                           # nothing searched for it in DIR
     with pytest.raises(SystemExit, match="lora-r8 has no complete learning-rate search"):
         reproduce.plan(args)
+    # --lrs-from DIR: that lr alone, no search; then the seeds
+    args = argparse.Namespace(**{**vars(args), "lrs_around": None, "lrs_from": str(tmp_path / "short"),
+                                 "methods": ["idlora-r128-k4", "lora-r16"], "seeds": [1, 2]})
+    assert [name for name, *_ in reproduce.plan(args)] == [
+        "base", "idlora-r128-k4_lr0.0002_s0", "lora-r16_lr0.0006_s0"]
+    for name in ("idlora-r128-k4_lr0.0002_s0", "lora-r16_lr0.0006_s0"):
+        os.makedirs(tmp_path / "long" / "gsm8k", exist_ok=True)
+        json.dump({"val_loss": 1.0, "lr": 0}, open(reproduce.result_path(args, name), "w"))
+    assert [name for name, *_ in reproduce.plan(args)][3:] == [
+        "idlora-r128-k4_lr0.0002_s1", "lora-r16_lr0.0006_s1", "idlora-r128-k4_lr0.0002_s2", "lora-r16_lr0.0006_s2"]
+
+
+def test_a_study_on_a_4bit_base(tmp_path, tiny_model_dir, tiny_data, capsys):
+    """--quantize nf4 reaches train.py and eval.py, the base row is the 4-bit base, every result file
+    records it; the folders must say nf4, and full fine-tuning is refused."""
+    argv = common(tmp_path, tiny_model_dir, tiny_data) + [
+        "--study", "gsm8k", "--methods", "lora-r8", "--lrs", "5e-2", "--seeds", "", "--train-examples", "8",
+        "--val-examples", "4", "--test-examples", "3", "--accuracy-examples", "2", "--max-new-tokens", "8"]
+    for flag in ("--results", "--runs"):
+        with pytest.raises(SystemExit):
+            reproduce.main(argv + ["--quantize", "nf4"])
+        assert f"--quantize nf4: {flag} " in capsys.readouterr().err
+        argv[argv.index(flag) + 1] += "-nf4"
+    with pytest.raises(SystemExit):
+        reproduce.main(argv + ["--quantize", "nf4", "--methods", "lora-r8,full"])
+    assert "full fine-tuning has no frozen base to quantize" in capsys.readouterr().err
+    reproduce.main(argv + ["--quantize", "nf4"])
+    rows = {f[:-5]: json.load(open(tmp_path / "results-nf4" / "gsm8k" / f))
+            for f in os.listdir(tmp_path / "results-nf4" / "gsm8k") if f.endswith(".json")}
+    assert set(rows) == {"base", "lora-r8_lr0.05_s0"} and {r["quantize"] for r in rows.values()} == {"nf4"}
+    out = tmp_path / "runs-nf4" / "gsm8k" / "lora-r8_lr0.05_s0"
+    assert json.load(open(out / "args.json"))["quantize"] == "nf4"
+    assert json.load(open(out / "eval" / "gsm8k-limit2.json"))["settings"]["quantize"] == "nf4"
+    printed = capsys.readouterr().out
+    assert "quantize nf4: 14 layers" in printed and "is loaded on a" not in printed     # no precision warning
 
 
 def test_learning_curve_from_one_run(tmp_path, tiny_model_dir, tiny_data):
@@ -279,7 +314,7 @@ def test_method_names_become_train_flags():
         train.parse_args(reproduce.method_argv(name))
     with pytest.raises(ValueError, match="'vera-r8' is not"):
         reproduce.method_argv("vera-r8")
-    args = argparse.Namespace(lrs=[2e-4, 6e-4, 2e-3], lrs_around=None)
+    args = argparse.Namespace(lrs=[2e-4, 6e-4, 2e-3], lrs_around=None, lrs_from=None)
     assert reproduce.start_grid(args, "full") == [2e-5, 6e-5, 2e-4] and reproduce.start_grid(args, "dora-r32") == args.lrs
 
 

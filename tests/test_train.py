@@ -164,6 +164,8 @@ def test_kmeans_flags_reach_pmrc_and_its_cache_key(tmp_path, tiny_model_dir, gsm
 
 RESUMED = {"idlora": ["--rank", "8", "--k", "2", "--selection", "random", "--dropout", "0.1", "--lr", "5e-2"],
            "hydralora": ["--rank", "4", "--k", "3", "--dropout", "0.1", "--lr", "5e-2"],
+           # on a 4-bit base: DoRA keeps its W0 terms between steps (rebuilt on resume), dropout's path reads W0
+           "dora": ["--rank", "4", "--dropout", "0.1", "--lr", "5e-2", "--quantize", "nf4"],
            "full": ["--lr", "1e-3"]}
 
 
@@ -421,6 +423,52 @@ def test_bf16_on_a_tiny_model(tmp_path, tiny_model_dir, gsm8k_dir):
     assert {t.dtype for t in saved.values()} == {torch.float32, torch.int64}   # fp32 adapter, int64 indices
 
 
+def test_a_4bit_base_trains_and_its_adapter_says_so(tmp_path, tiny_model_dir, gsm8k_dir, capsys):
+    out = run(tmp_path, tiny_model_dir, gsm8k_dir, "--quantize", "nf4", "--max-steps", "6")
+    assert "quantize nf4: 14 layers (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) in 4 bits" \
+        in capsys.readouterr().out
+    rows = metrics(out)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert idlora.read_adapter_config(os.path.join(out, "adapter.safetensors"))["quantize"] == "nf4"
+    model, _ = train.load_trained(out)                                  # quantized again, as it was trained
+    assert {type(model.get_submodule(n).base).__name__ for n in model.adapter_config["ranks"]} == {"NF4Linear"}
+    assert "--quantize: run has nf4, resume asks unset" in str(pytest.raises(
+        SystemExit, run, tmp_path, tiny_model_dir, gsm8k_dir, "--max-steps", "6", "--resume").value)
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--method", "full", "--quantize", "nf4"], "--quantize nf4 stores a frozen base in 4 bits, and --method full "
+                                                "trains every weight: use an adapter method, or drop --quantize"),
+    (["--parallel", "fsdp", "--quantize", "nf4", "--micro-batch-size", "2"],
+     "--quantize nf4 does not run under --parallel fsdp: FSDP2 shards parameters, and the 4-bit weights are buffers "
+     "every rank would hold whole; use --parallel ddp")])
+def test_what_a_4bit_base_refuses(argv, msg, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(train, "WORLD", 2)
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    assert msg in capsys.readouterr().err
+
+
+def test_a_random_model_built_one_4bit_layer_at_a_time():
+    """--model-config with --quantize: made from the meta device layer by layer; the same model as one built
+    whole and then quantized (Hugging Face's init, the rotary frequencies recomputed), nothing left on meta."""
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = train.random_model(config, torch.float32, "cpu", "nf4")
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    assert sum(type(m).__name__ == "NF4Linear" for m in model.modules()) == 14
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    whole = train.random_model(config, torch.float32, "cpu")
+    assert torch.equal(model.model.rotary_emb.inv_freq, whole.model.rotary_emb.inv_freq)
+    assert torch.equal(model.model.norm.weight, torch.ones(64))
+    w = model.model.layers[1].mlp.up_proj.dequantize()
+    assert 0.015 < w.std() < 0.025                                     # initializer_range 0.02, not empty memory
+    ids = torch.randint(0, 128, (1, 8))
+    assert torch.isfinite(model(ids).logits).all()
+
+
 def test_llama3_8b_from_config_on_meta():
     """The 8B architecture for GPU memory checks, built in bf16 (here on `meta`: no memory)."""
     model, tok = train.model_from_config("llama-3-8b", torch.bfloat16, "meta")
@@ -435,7 +483,7 @@ def test_clear_errors(tmp_path, tiny_model_dir, gsm8k_dir):
     empty.mkdir()
     with pytest.raises(SystemExit, match=r"error: .*codealpaca"):
         run(tmp_path, tiny_model_dir, str(empty), "--task", "code")
-    with pytest.raises(SystemExit, match=r"error: target module\(s\) \['qproj'\] match no nn.Linear"):
+    with pytest.raises(SystemExit, match=r"error: target module\(s\) \['qproj'\] match no linear layer"):
         run(tmp_path, tiny_model_dir, gsm8k_dir, "--targets", "qproj")
     with pytest.raises(SystemExit, match=r"error: --resume: no checkpoint"):
         run(tmp_path / "new", tiny_model_dir, gsm8k_dir, "--resume")
@@ -523,3 +571,19 @@ def test_embedded_model_two_gsm8k_steps(tmp_path, embedded, row_cache):
     assert [r["step"] for r in rows] == [1, 2] and all(0 < r["loss"] < 5 for r in rows)
     cfg = idlora.read_adapter_config(os.path.join(out, "adapter.safetensors"))
     assert cfg["base_model"] == "smollm2" and cfg["method"] == "idlora" and set(cfg["ranks"].values()) == {48, 128}
+
+
+def test_embedded_model_on_a_4bit_base_two_steps_then_resumes(tmp_path, embedded):
+    """--quantize nf4 on the embedded SmolLM2 (its 210 projections in 4 bits, fp32 compute as the studies),
+    2 steps, then a resume to step 3. Random rows: PMRC's clustering of the dequantized rows is tested on
+    tiny models (tests/test_nf4.py), and would cost minutes here."""
+    out = str(tmp_path / "run")
+    argv = ["--task", "gsm8k", "--rank", "128", "--k", "4", "--selection", "random", "--batch-size", "2",
+            "--micro-batch-size", "2", "--max-len", "128", "--dtype", "fp32", "--quantize", "nf4", "--output-dir", out,
+            "--save-every", "1"]
+    train.main(argv + ["--max-steps", "2"])
+    train.main(argv + ["--max-steps", "3", "--resume"])
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(0 < r["loss"] < 5 for r in rows)
+    cfg = idlora.read_adapter_config(os.path.join(out, "adapter.safetensors"))
+    assert cfg["quantize"] == "nf4" and len(cfg["ranks"]) == 210
