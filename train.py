@@ -116,9 +116,9 @@ def cpu_has_bf16():
     return any(getattr(torch.cpu, c, lambda: False)() for c in checks)
 
 
-def resolve_dtype(dtype, device):
+def resolve_dtype(dtype, device, say=True):
     """The base weights' dtype. auto: bf16 on CUDA (what fits LLaMA-3-8B on one GPU) and on CPUs with
-    native bf16 matmuls, float32 on other CPUs; the choice is printed in one line."""
+    native bf16 matmuls, float32 on other CPUs; the choice is printed in one line (unless not `say`)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
@@ -128,7 +128,8 @@ def resolve_dtype(dtype, device):
             choice, why = torch.bfloat16, "this CPU has native bf16 matmuls (AVX512-BF16 or AMX)"
         else:
             choice, why = torch.float32, "this CPU has no native bf16 matmuls, where bf16 is far slower"
-        print(f"dtype auto: {str(choice).removeprefix('torch.')} ({why}; --dtype overrides)")
+        if say:
+            print(f"dtype auto: {str(choice).removeprefix('torch.')} ({why}; --dtype overrides)")
         return choice
     return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
             "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}[dtype]
@@ -614,7 +615,7 @@ def check_resume(args):
             saved = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"--resume: {path} is not valid JSON ({e}), so the run's settings cannot be checked") from None
-    run = {k: v for k, v in saved.items() if k not in ("world", "resumes")}
+    run = {k: v for k, v in saved.items() if k not in ("world", "resumes", "base_dtype")}
     for resume in saved.get("resumes", []):          # the values earlier resumes changed (e.g. max_steps)
         run.update({k: new for k, (_, new) in resume["changed"].items()})
     defaults = vars(parser().parse_args([]))         # a flag added after the run started: it ran as its default
@@ -628,17 +629,26 @@ def check_resume(args):
             changed[key] = [old, new]
         else:
             refused.append(f"--{key.replace('_', '-')}: run has {shown(old)}, resume asks {shown(new)}")
+    # --dtype auto is bf16 or float32 by the machine: the dtype the run trained in must be this one's
+    here = base_dtype(args)
+    if saved.get("base_dtype", here) != here:
+        refused.append(f"--dtype {args.dtype}: the run trained in {saved['base_dtype']}, here it means {here}")
     if refused:
         raise ValueError(f"--resume refused: these settings differ from the run's in {path} (pass the run's "
                          f"values, or start a new run in another --output-dir)\n" + "\n".join(refused))
     return saved, changed
 
 
+def base_dtype(args):
+    """The dtype the base weights are held in, "bfloat16" or "float32": what --dtype means on this machine."""
+    return str(resolve_dtype(args.dtype, args.device, say=False)).removeprefix("torch.")
+
+
 def write_args(out, args, resumed, step):
     """args.json: a fresh run's settings, plus "world" (its process count) and "resumes": []; a
     resume appends {step, date, world, changed} to "resumes" and leaves the settings as they were."""
     if not args.resume:
-        record = {**vars(args), "world": WORLD, "resumes": []}
+        record = {**vars(args), "base_dtype": base_dtype(args), "world": WORLD, "resumes": []}
     elif resumed is None:                    # a run from before args.json: nothing to add to
         return
     else:

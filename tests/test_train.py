@@ -266,8 +266,6 @@ def test_a_resume_that_changes_the_update_is_refused(tmp_path, two_steps, tiny_m
             (["--batch-size", "4"], ["--batch-size: run has 8, resume asks 4"]),
             (["--micro-batch-size", "2"], ["--micro-batch-size: run has 4, resume asks 2"]),
             (["--max-len", "128"], ["--max-len: run has 64, resume asks 128"]),
-            (["--dtype", "bf16"], ["--dtype: run has auto, resume asks bf16"]),
-            (["--device", "cuda"], ["--device: run has cpu, resume asks cuda"]),
             (["--data-dir", str(other)], [f"--data-dir: run has {gsm8k_dir}, resume asks {other}"]),
             (["--train-file", str(tmp_path / "mine.jsonl")], [f"--train-file: run has unset, resume asks {tmp_path}/mine.jsonl"]),
             (["--epochs", "5"], ["--epochs: run has 3, resume asks 5.0"]),
@@ -275,6 +273,28 @@ def test_a_resume_that_changes_the_update_is_refused(tmp_path, two_steps, tiny_m
             # an allowed change beside a refused one: still refused, and only the refused one is named
             (["--lr", "1e-3", "--save-every", "5", "--max-steps", "4"], ["--lr: run has 0.05, resume asks 0.001"])]):
         assert refusal(tmp_path / str(i), two_steps, tiny_model_dir, gsm8k_dir, *change) == lines, change
+    # --dtype and --device also change what auto means on a CPU without bf16 (a second line there)
+    for i, (change, line) in enumerate([(["--dtype", "bf16"], "--dtype: run has auto, resume asks bf16"),
+                                        (["--device", "cuda"], "--device: run has cpu, resume asks cuda")]):
+        assert refusal(tmp_path / f"d{i}", two_steps, tiny_model_dir, gsm8k_dir, *change)[0] == line, change
+
+
+def test_a_resume_on_a_machine_where_dtype_auto_means_another_dtype_is_refused(tmp_path, two_steps, tiny_model_dir,
+                                                                                gsm8k_dir):
+    """--dtype auto is bf16 on a CPU with native bf16 matmuls and float32 elsewhere: the same flags on
+    another machine would train on in another dtype. args.json records the dtype the run trained in."""
+    out = copy_run(two_steps, tmp_path)
+    saved = json.load(open(os.path.join(out, "args.json")))
+    here = saved["base_dtype"]
+    assert here == train.base_dtype(train.parse_args(base_argv(tiny_model_dir, gsm8k_dir, out)))
+    other = "float32" if here == "bfloat16" else "bfloat16"
+    saved["base_dtype"] = other                           # as if it had started on the other kind of CPU
+    json.dump(saved, open(os.path.join(out, "args.json"), "w"))
+    before = snapshot(out)
+    with pytest.raises(SystemExit) as e:
+        train.main(base_argv(tiny_model_dir, gsm8k_dir, out, "--max-steps", "2") + ["--resume"])
+    assert str(e.value).splitlines()[1:] == [f"--dtype auto: the run trained in {other}, here it means {here}"]
+    assert snapshot(out) == before
 
 
 def test_a_resume_that_changes_the_method_is_refused(tmp_path, two_steps, tiny_model_dir, gsm8k_dir):
