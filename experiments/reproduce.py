@@ -372,8 +372,10 @@ def table(args):
         if lr is not None and at:
             chosen[m] = at
     refs = {m: [r["test_loss"] for r in chosen.get(m, [])] for m in REFERENCES if m == MAIN[0] or m in chosen}
+    before = same_method_before(args, chosen) if args.lrs_from else {}
     head = ["method", "lrs searched", "best lr", "seeds", "trainable", "test loss (mean ± sd)"] + \
-        [f"minus {m} (Welch t)" for m in refs] + [f"{t} loss" for t in per_task] + [f"{a} acc (mean)" for a in accs]
+        [f"minus {m} (Welch t)" for m in refs] + [f"minus the same in {args.lrs_from} (Welch t)"] * bool(before) + \
+        [f"{t} loss" for t in per_task] + [f"{a} acc (mean)" for a in accs]
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, at in chosen.items():
         grid, lr = grids[m], at[0]["lr"]
@@ -381,6 +383,7 @@ def table(args):
         sd = f"{loss.std().item():.4f}" if len(at) > 1 else "n/a"
         cells = [m, ", ".join(f"{x:g}" for x in grid), f"{lr:g}", str(len(at)), f"{at[0]['trainable']:,}",
                  f"{loss.mean():.4f} ± {sd}"] + [gap(loss.tolist(), ref) if m != name else "" for name, ref in refs.items()]
+        cells += [gap(loss.tolist(), before.get(m, []))] * bool(before)
         cells += [f"{sum(r['test_loss_per_task'][t] for r in at) / len(at):.4f}" for t in per_task]
         cells += [f"{sum(r['accuracy'][a] for r in at) / len(at):.3f}" for a in accs]
         lines.append("| " + " | ".join(cells) + " |")
@@ -393,6 +396,18 @@ def table(args):
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(args, folder, rows, chosen)
+
+
+def same_method_before(args, chosen):
+    """{method: test losses of its seeds at its chosen lr in the --lrs-from study}: a study that changes
+    one thing (e.g. --quantize nf4) at the lrs already chosen is read as each method minus itself there."""
+    earlier = argparse.Namespace(**{**vars(args), "results": args.lrs_from, "lrs_around": None, "lrs_from": None})
+    before = {}
+    for m in chosen:
+        lr = lr_search(earlier, m)[1]
+        paths = glob.glob(result_path(earlier, run_name(m, lr, "*"))) if lr is not None else []
+        before[m] = [json.load(open(p))["test_loss"] for p in sorted(paths)]
+    return before
 
 
 def gap(a, b):

@@ -382,3 +382,24 @@ def test_table_compares_with_idlora_r16_where_it_has_results(tmp_path):
     # against r=128 (variance 0.0007): se = sqrt(0.0008 / 3) = 0.01633: -0.01 is t = -0.6, +0.04 is t = +2.4
     assert "| lora-r4 | 0.001 | 0.001 | 3 | 10 | 0.9100 ± 0.0100 | -0.0100 (-0.6) | -0.0500 (-6.1) |" in table
     assert "| idlora-r16-k4 | 0.001 | 0.001 | 3 | 10 | 0.9600 ± 0.0100 | +0.0400 (+2.4) |  |" in table
+
+
+def test_table_of_a_lrs_from_study_gives_each_method_minus_itself_there(tmp_path):
+    """A study at the lrs chosen in DIR (--lrs-from, e.g. on a 4-bit base) gains a column of each method
+    minus the same method's seeds in DIR at that lr, with Welch's t; runs at DIR's other lrs are ignored."""
+    for folder, losses in (("short", {"lora-r16": [0.85, 0.86, 0.87]}), ("nf4", {"lora-r16": [0.88, 0.90, 0.92]})):
+        (tmp_path / folder / "gsm8k").mkdir(parents=True)
+        for s, loss in enumerate(losses["lora-r16"]):
+            json.dump(dict(run=f"lora-r16_lr0.001_s{s}", method="lora-r16", lr=1e-3, seed=s, trainable=10, val_loss=loss,
+                           test_loss=loss, test_loss_per_task={"gsm8k": loss}, accuracy={"gsm8k": 0.0}),
+                      open(tmp_path / folder / "gsm8k" / f"lora-r16_lr0.001_s{s}.json", "w"))
+    for lr, val in ((1e-2, 0.99), (1e-4, 0.98)):           # the grid around 1e-3 in DIR, worse: 1e-3 is chosen there
+        json.dump(dict(run=f"lora-r16_lr{lr:g}_s0", method="lora-r16", lr=lr, seed=0, trainable=10, val_loss=val,
+                       test_loss=0.5, test_loss_per_task={"gsm8k": 0.5}, accuracy={"gsm8k": 0.0}),
+                  open(tmp_path / "short" / "gsm8k" / f"lora-r16_lr{lr:g}_s0.json", "w"))
+    reproduce.main(["--study", "gsm8k", "--table", "--lrs", "1e-4,1e-3,1e-2", "--lrs-from", str(tmp_path / "short"),
+                    "--results", str(tmp_path / "nf4")])
+    table = open(tmp_path / "nf4" / "gsm8k" / "table.md").read()
+    # 0.90 - 0.86 = 0.04; variances 0.0004 and 0.0001: se = sqrt(0.0005 / 3) = 0.01291, t = 3.1
+    assert f"| minus the same in {tmp_path / 'short'} (Welch t) |" in table
+    assert "| lora-r16 | 0.001 | 0.001 | 3 | 10 | 0.9000 ± 0.0200 |  | +0.0400 (+3.1) |" in table   # no ID-LoRA here
