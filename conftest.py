@@ -1,6 +1,7 @@
 """Shared pytest fixtures: the embedded model (skipped with the reason when its package is
 absent), one PMRC row cache per test session (the embedded model is clustered once), and a
-tiny random LLaMA saved as a local model folder; and a data dir of 16 GSM8K-style records."""
+tiny random LLaMA saved as a local model folder; and a data dir of 16 GSM8K-style records. Also two
+helpers the method tests share: an adapted model's layers, and non-zero adapter tensors."""
 
 import json
 import os
@@ -63,3 +64,19 @@ def gsm8k_dir(tmp_path_factory):
         for i in range(16):
             f.write(json.dumps({"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"}) + "\n")
     return str(root)
+
+
+def layers(model):
+    """{name: adapted layer} of a model patched by apply_idlora, apply_lora or baselines.apply."""
+    return {name: model.get_submodule(name) for name in model.adapter_config["ranks"]}
+
+
+@torch.no_grad()
+def perturb(model, seed=1):
+    """Non-zero adapter tensors (B starts at 0, which hides most mistakes): every float tensor moved."""
+    import idlora
+    g = torch.Generator().manual_seed(seed)
+    for layer in layers(model).values():
+        for name, t in idlora.adapter_tensors(layer).items():
+            if t.is_floating_point():
+                t.add_(0.2 * torch.randn(t.shape, generator=g).to(t.dtype) * (t.abs().mean() if name == "m" else 1))

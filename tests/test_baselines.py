@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import baselines
 import idlora
+from conftest import layers, perturb
 from baselines import METHODS, DoRALinear, HydraLoRALinear, MoELoRALinear
 
 # Spec section 3: LLaMA-3-8B, all seven projections; HydraLoRA 3 heads, MoELoRA 4 experts, ID-LoRA k=4, m=2.
@@ -49,20 +50,6 @@ def patched(method, dtype=torch.float32, dropout=0.0, **kw):
     model = tiny(dtype, **kw)
     baselines.apply(model, method, dropout=dropout, selection="random", **SMALL[method])
     return model
-
-
-def layers(model):
-    return {name: model.get_submodule(name) for name in model.adapter_config["ranks"]}
-
-
-@torch.no_grad()
-def perturb(model, seed=1):
-    """Non-zero adapter tensors (B starts at 0, which hides most mistakes): every float tensor moved."""
-    g = torch.Generator().manual_seed(seed)
-    for layer in layers(model).values():
-        for name, t in idlora.adapter_tensors(layer).items():
-            if t.is_floating_point():
-                t.add_(0.2 * torch.randn(t.shape, generator=g).to(t.dtype) * (t.abs().mean() if name == "m" else 1))
 
 
 # -----------------------------------------------------------------------------

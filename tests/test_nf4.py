@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Llam
 
 import baselines
 import idlora
+from conftest import layers, perturb
 import nf4
 from baselines import METHODS
 
@@ -41,20 +42,6 @@ def gpt2():
 
 def batch(seed=0, n=2, t=12):
     return torch.randint(0, TINY["vocab_size"], (n, t), generator=torch.Generator().manual_seed(seed))
-
-
-def layers(model):
-    return {name: model.get_submodule(name) for name in model.adapter_config["ranks"]}
-
-
-@torch.no_grad()
-def perturb(model, seed=1):
-    """Non-zero adapter tensors (B starts at 0, which hides most mistakes)."""
-    g = torch.Generator().manual_seed(seed)
-    for layer in layers(model).values():
-        for name, t in idlora.adapter_tensors(layer).items():
-            if t.is_floating_point():
-                t.add_(0.2 * torch.randn(t.shape, generator=g).to(t.dtype) * (t.abs().mean() if name == "m" else 1))
 
 
 def unpack(codes):
