@@ -114,6 +114,12 @@ LR_STEP = 10 ** 0.5      # one grid step past an edge: half a decade (2e-4 -> 6e
 FULL_LR = 0.1
 
 
+def earlier_study(args):
+    """The same study's args, reading its results from the --lrs-around or --lrs-from folder."""
+    return argparse.Namespace(**{**vars(args), "results": args.lrs_around or args.lrs_from, "lrs_around": None,
+                                 "lrs_from": None})
+
+
 def start_grid(args, method):
     """The lrs a method's search starts from: --lrs (full fine-tuning: --lrs x FULL_LR); or, with
     --lrs-around DIR, the lr the method chose in the same study's results in DIR (replayed by
@@ -123,8 +129,7 @@ def start_grid(args, method):
     earlier_dir = args.lrs_around or args.lrs_from
     if not earlier_dir:
         return sorted(float(f"{lr * FULL_LR:.3g}") for lr in args.lrs) if method == "full" else sorted(args.lrs)
-    earlier = argparse.Namespace(**{**vars(args), "results": earlier_dir, "lrs_around": None, "lrs_from": None})
-    best = lr_search(earlier, method)[1]
+    best = lr_search(earlier_study(args), method)[1]
     if best is None:
         flag = "--lrs-around" if args.lrs_around else "--lrs-from"
         raise SystemExit(f"error: {flag} {earlier_dir}: {method} has no complete learning-rate "
@@ -401,7 +406,7 @@ def table(args):
 def same_method_before(args, chosen):
     """{method: test losses of its seeds at its chosen lr in the --lrs-from study}: a study that changes
     one thing (e.g. --quantize nf4) at the lrs already chosen is read as each method minus itself there."""
-    earlier = argparse.Namespace(**{**vars(args), "results": args.lrs_from, "lrs_around": None, "lrs_from": None})
+    earlier = earlier_study(args)
     before = {}
     for m in chosen:
         lr = lr_search(earlier, m)[1]
