@@ -307,7 +307,17 @@ def gather_columns(y, J):
     559 us for index_select; results/bench.md). With autograd on, through GatherColumns."""
     if torch.is_grad_enabled():
         return GatherColumns.apply(y, J)
-    return torch.gather(y, -1, J.expand(*y.shape[:-1], -1))
+    return _gather(y, J)
+
+
+def _gather(y, J):
+    """torch.gather of J's columns. A gather only copies bits, so a 2-byte y (bf16, fp16) is gathered
+    as int16: on a CPU that kernel is about 1.4x faster than bf16's (576 x 576, 256 tokens, 512
+    columns: 57 against 84 us; results/bench.md). float32's own kernel is as fast as int32's."""
+    idx = J.expand(*y.shape[:-1], -1)
+    if y.element_size() == 2:
+        return torch.gather(y.view(torch.int16), -1, idx).view(y.dtype)
+    return torch.gather(y, -1, idx)
 
 
 class GatherColumns(torch.autograd.Function):
@@ -321,7 +331,7 @@ class GatherColumns(torch.autograd.Function):
     def forward(ctx, y, J):
         ctx.save_for_backward(J)
         ctx.d_out = y.shape[-1]
-        return torch.gather(y, -1, J.expand(*y.shape[:-1], -1))
+        return _gather(y, J)
 
     @staticmethod
     def backward(ctx, grad_z):

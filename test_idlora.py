@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, Qwen2Conf
 
 import idlora
 from idlora import (IDLoRALinear, LoRALinear, apply_idlora, apply_lora, cluster_rows, count_trainable,
-                    load_adapter, save_adapter)
+                    gather_columns, load_adapter, save_adapter)
 
 # The paper's Table 6 (LLaMA-3-8B, all seven projections, k=4, boost=2), from the spec.
 TABLE6 = {8: (20_971_520, 7_733_248), 16: (41_943_040, 10_485_760), 32: (83_886_080, 15_990_784),
@@ -159,6 +159,24 @@ def test_in_place_path_equals_the_old_arithmetic(make, boost, bias, dtype, fp32,
     assert set(new) == {"y", "x", "B", "router" if make == "idlora" else "A"}
     for key in old:
         assert new[key].dtype == old[key].dtype and rel(new[key], old[key]) < tol, (key, rel(new[key], old[key]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_gather_columns_is_exact_indexing_in_every_dtype(dtype):
+    """gather_columns (a 2-byte y gathered through an int16 view) returns exactly y[..., J], with
+    autograd and without, and its gradient is exactly indexing's: grad_z in J's columns, zeros elsewhere."""
+    torch.manual_seed(0)
+    y = torch.randn(3, 5, 40).to(dtype)
+    J = torch.randperm(40)[:12]
+    with torch.no_grad():
+        assert torch.equal(gather_columns(y, J), y[..., J])
+    yg, yr = y.clone().requires_grad_(), y.clone().requires_grad_()
+    z = gather_columns(yg, J)
+    assert z.dtype == dtype and torch.equal(z, y[..., J]) and z.grad_fn is not None
+    g = torch.randn(3, 5, 12).to(dtype)
+    z.backward(g)
+    yr[..., J].backward(g)
+    assert torch.equal(yg.grad, yr.grad) and yg.grad.count_nonzero() == g.count_nonzero()
 
 
 @pytest.mark.parametrize("make", ["idlora", "lora"])
