@@ -339,6 +339,13 @@ class GatherColumns(torch.autograd.Function):
         return grad_z.new_zeros(*grad_z.shape[:-1], ctx.d_out).index_copy_(-1, J, grad_z), None
 
 
+def maybe_dropout(drop, t):
+    """drop(t) (an nn.Dropout), or t itself, without the call, where dropout is the identity (eval, or
+    p = 0): a module call costs about 4 us on a CPU, a tenth of a LoRA layer's decoding step (576 x 576,
+    bf16: 79 against 89 us)."""
+    return drop(t) if drop.training and drop.p > 0 else t
+
+
 class IDLoRALinear(nn.Module):
     """y = W0 x + (alpha/r) [B u_1 | ... | B u_m], u = sum_i softmax(W_g x)_i (W0 x)[J_i].
     `idx` holds J, (k, r) row indices into W0 (dense_weight(base)); the scale is alpha / r, with r = idx.shape[1]."""
@@ -372,7 +379,7 @@ class IDLoRALinear(nn.Module):
         z = gather_columns(y, J)                           # (..., k*r)   z_i = A_i x = (W0 x)[J_i]
         if self.base.bias is not None:
             z = z - self.base.bias[J]                      # A_i x has no bias
-        z = self.dropout(z.to(dt)).unflatten(-1, (self.k, self.r))          # (..., k, r)
+        z = maybe_dropout(self.dropout, z.to(dt)).unflatten(-1, (self.k, self.r))   # (..., k, r)
         w = torch.softmax(x.to(dt) @ self.router.to(dt).T, dim=-1)         # (..., k)
         u = w.unsqueeze(-2) @ z                            # (..., 1, r)   sum_i w_i z_i
         # Rank boosting: B times each of the m pieces of u is ONE GEMM, (T*m, r/m) x (r/m, d_out/m),
@@ -402,7 +409,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         dt = torch.float32 if self.fp32 else y.dtype
-        h = self.dropout(x.to(dt)) @ self.A.to(dt).T       # (..., r)
+        h = maybe_dropout(self.dropout, x.to(dt)) @ self.A.to(dt).T   # (..., r)
         return add_update(y, h.reshape(-1, self.r), self.B.to(dt), self.scaling)   # y + (alpha/r) B h
 
     @torch.no_grad()

@@ -161,6 +161,28 @@ def test_in_place_path_equals_the_old_arithmetic(make, boost, bias, dtype, fp32,
         assert new[key].dtype == old[key].dtype and rel(new[key], old[key]) < tol, (key, rel(new[key], old[key]))
 
 
+@pytest.mark.parametrize("make", ["idlora", "lora"])
+def test_dropout_is_skipped_only_where_it_is_the_identity(make):
+    """In eval, or with p = 0, the layers skip the dropout call: no random number is drawn and the output
+    is the p = 0 layer's. In training with p > 0 the masks are drawn: outputs differ between draws."""
+    torch.manual_seed(0)
+    base = nn.Linear(48, 96).requires_grad_(False)
+    J = cluster_rows(base.weight, 4, 16, "random", seed=1)
+    layers = {p: IDLoRALinear(base, J, 32, 2, p) if make == "idlora" else LoRALinear(base, 16, 32, p)
+              for p in (0.0, 0.5)}
+    with torch.no_grad():
+        nn.init.normal_(layers[0.0].B)
+        layers[0.5].load_state_dict(layers[0.0].state_dict())
+    x = torch.randn(5, 48)
+    for p, train in ((0.0, True), (0.0, False), (0.5, False)):
+        layers[p].train(train)
+        state = torch.get_rng_state()
+        assert torch.equal(layers[p](x), layers[0.0].eval()(x))
+        assert torch.equal(torch.get_rng_state(), state), (p, train)
+    layers[0.5].train()
+    assert not torch.equal(layers[0.5](x), layers[0.5](x))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_gather_columns_is_exact_indexing_in_every_dtype(dtype):
     """gather_columns (a 2-byte y gathered through an int16 view) returns exactly y[..., J], with
