@@ -479,8 +479,8 @@ def plot(args, folder, rows, chosen):
     mean over its seeds), one colour and marker per method family, the untrained base as a dashed
     line; runs that did worse than the base (an lr far too high) are cut off. Right, the comparison
     itself: each method at its best lr, the mean over seeds with their range, best at the top. The
-    ID-LoRA ablations (other k, w/o RB, serial/random rows) sit at nearly the same count as ID-LoRA,
-    so they are left to the table."""
+    ID-LoRA ablations (other k, w/o RB, serial/random rows) sit at nearly the same count as the ID-LoRA
+    they vary, so they appear on the right only."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -491,15 +491,16 @@ def plot(args, folder, rows, chosen):
     family = lambda method: NAME.fullmatch(method)["method"]
     families = [f for f in list(baselines.METHODS) + ["full"] if any(family(r["method"]) == f for r in trained)]
     style = {f: ("osD^vP*"[i % 7], f"C{i}") for i, f in enumerate(families)}
-    loss = {m: [r["test_loss"] for r in at] for m, at in chosen.items() if not is_ablation(m)}
+    loss = {m: [r["test_loss"] for r in at] for m, at in chosen.items()}
     mean = {m: sum(v) / len(v) for m, v in loss.items()}
-    _, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw=dict(width_ratios=(3, 2)))
+    _, (left, right) = plt.subplots(1, 2, figsize=(11, max(4.2, 1.2 + 0.22 * len(loss))),
+                                    gridspec_kw=dict(width_ratios=(3, 2)))
     for fam in families:
         marker, colour = style[fam]
         runs = [r for r in trained if family(r["method"]) == fam]
         left.scatter([r["trainable"] for r in runs], [r["test_loss"] for r in runs], marker=marker,
                      color=colour, alpha=0.3, s=15, label=f"{fam}: every run")
-        best = [(chosen[m][0]["trainable"], mean[m]) for m in loss if family(m) == fam]
+        best = [(chosen[m][0]["trainable"], mean[m]) for m in loss if family(m) == fam and not is_ablation(m)]
         left.scatter([n for n, _ in best], [l for _, l in best], marker=marker, color=colour, s=50,
                      label=f"{fam}: best lr, mean over seeds")
     if base:

@@ -345,6 +345,30 @@ def test_table_and_plot_from_a_partial_grid(tmp_path):
     assert os.path.getsize(folder / "loss_vs_params.png") > 0
 
 
+def test_plot_ranks_the_ablations_on_the_right_only(tmp_path, monkeypatch):
+    """loss_vs_params.png: the right panel ranks every method at its best lr, ablations included (best at
+    the top); the left panel's bold best-lr points are the non-ablations only (an ablation sits at the
+    count of the ID-LoRA it varies)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    folder = tmp_path / "results" / "gsm8k"
+    folder.mkdir(parents=True)
+    for method, n, loss in (("idlora-r16-k4", 10, 0.95), ("idlora-r16-k4-random", 10, 0.97), ("lora-r4", 10, 0.90)):
+        json.dump(dict(run=f"{method}_lr0.001_s0", method=method, lr=1e-3, seed=0, trainable=n, val_loss=loss,
+                       test_loss=loss, test_loss_per_task={"gsm8k": loss}, accuracy={"gsm8k": 0.0}),
+                  open(folder / f"{method}_lr0.001_s0.json", "w"))
+    figures = []
+    monkeypatch.setattr(plt, "savefig", lambda *a, **k: figures.append(plt.gcf()))
+    monkeypatch.setattr(plt, "close", lambda *a: None)
+    reproduce.main(["--study", "gsm8k", "--table", "--lrs", "1e-3", "--results", str(tmp_path / "results")])
+    left, right = figures[-1].axes
+    ranked = [t.get_text().split()[0] for t in right.get_yticklabels()]
+    assert ranked == ["idlora-r16-k4-random", "idlora-r16-k4", "lora-r4"]
+    bold = [c for c in left.collections if c.get_label().endswith("best lr, mean over seeds")]
+    assert sorted(p[1] for c in bold for p in c.get_offsets().tolist()) == [0.90, 0.95]
+
+
 def test_table_gives_each_method_minus_idlora_with_welch_t(tmp_path):
     """The gap to ID-LoRA r=128 k=4 at each method's best lr, and Welch's t, in the method table and
     at each step of the learning curves, equal to a hand computation."""
