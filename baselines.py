@@ -162,7 +162,7 @@ class DoRALinear(nn.Module):
         dt = compute_dtype(self, x)
         mn = self.m / self.weight_norm(dt)                 # (d_out,) m / n, master dtype
         h = x.to(dt)
-        if self.training and self.dropout.p > 0:
+        if idlora.dropout_active(self.dropout):
             h = self.dropout(h)
             y0 = frozen_product(self.base, h)              # W0 x', on the dropped input
         else:
@@ -224,7 +224,7 @@ class HydraLoRALinear(nn.Module):
         h = x.to(dt)
         w = torch.softmax(h @ self.router.T.to(dt), dim=-1, dtype=torch.float32).to(dt)   # (..., k)
         A = self.A.T.to(dt)                                          # (d_in, r)
-        if self.training and self.dropout.p > 0:
+        if idlora.dropout_active(self.dropout):
             # One mask per head: k dropped copies of x, all through the shared A in one matmul.
             # Costs k times the random draws and the A-side FLOPs, and the backward keeps the k
             # copies and their masks (on a CPU the draws are most of the extra time).
@@ -283,7 +283,7 @@ class MoELoRALinear(nn.Module):
         dt = compute_dtype(self, x)
         h = x.to(dt)
         w = torch.softmax(h @ self.router.T.to(dt), dim=-1, dtype=torch.float32).to(dt)   # (..., k)
-        if self.training and self.dropout.p > 0:
+        if idlora.dropout_active(self.dropout):
             # One mask per expert: k dropped copies of x (k, N, d_in), copy i through A_i, in one
             # batched matmul. The FLOPs are the shared path's; the random draws are k times as
             # many, and the backward keeps the k copies and their masks.
