@@ -339,14 +339,6 @@ class GatherColumns(torch.autograd.Function):
         return grad_z.new_zeros(*grad_z.shape[:-1], ctx.d_out).index_copy_(-1, J, grad_z), None
 
 
-def route(x, W_g):
-    """The router's logits x W_g^T, (..., k), computed as (W_g x^T)^T: the same products, but on a CPU
-    bf16 GEMM a result with k = 4 rows is faster than one with 4 columns: 1.6x to 2x at d_in 4096 and
-    14336 (4096 x 256 tokens: 116 against 189 us), equal at SmolLM2's 576 (results/bench.md)."""
-    logits = W_g @ x.reshape(-1, x.shape[-1]).T                             # (k, T)
-    return logits.T.view(*x.shape[:-1], W_g.shape[0])
-
-
 def dropout_active(drop):
     """Whether the nn.Dropout `drop` changes its input: in training, with p > 0."""
     return drop.training and drop.p > 0
@@ -393,7 +385,7 @@ class IDLoRALinear(nn.Module):
         if self.base.bias is not None:
             z = z - self.base.bias[J]                      # A_i x has no bias
         z = maybe_dropout(self.dropout, z.to(dt)).unflatten(-1, (self.k, self.r))   # (..., k, r)
-        w = torch.softmax(route(x.to(dt), self.router.to(dt)), dim=-1)      # (..., k)
+        w = torch.softmax(x.to(dt) @ self.router.to(dt).T, dim=-1)         # (..., k)
         u = w.unsqueeze(-2) @ z                            # (..., 1, r)   sum_i w_i z_i
         # Rank boosting: B times each of the m pieces of u is ONE GEMM, (T*m, r/m) x (r/m, d_out/m),
         # and its output read as (T, d_out) is exactly [B u_1 | ... | B u_m], the layout of y.

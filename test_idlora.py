@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, Qwen2Conf
 
 import idlora
 from idlora import (IDLoRALinear, LoRALinear, apply_idlora, apply_lora, cluster_rows, count_trainable,
-                    gather_columns, load_adapter, route, save_adapter)
+                    gather_columns, load_adapter, save_adapter)
 
 # The paper's Table 6 (LLaMA-3-8B, all seven projections, k=4, boost=2), from the spec.
 TABLE6 = {8: (20_971_520, 7_733_248), 16: (41_943_040, 10_485_760), 32: (83_886_080, 15_990_784),
@@ -199,24 +199,6 @@ def test_gather_columns_is_exact_indexing_in_every_dtype(dtype):
     z.backward(g)
     yr[..., J].backward(g)
     assert torch.equal(yg.grad, yr.grad) and yg.grad.count_nonzero() == g.count_nonzero()
-
-
-@pytest.mark.parametrize("shape", [(48,), (5, 48), (2, 5, 48)])
-def test_route_is_x_times_the_router_transposed(shape):
-    """route(x, W_g), computed as (W_g x^T)^T for speed, is x W_g^T for any leading shape, and so are
-    the gradients of x and W_g (float64, to rounding)."""
-    torch.manual_seed(0)
-    x, W = torch.randn(*shape, dtype=torch.float64), torch.randn(4, 48, dtype=torch.float64)
-    g = torch.randn(*shape[:-1], 4, dtype=torch.float64)
-    grads = []
-    for f in (route, lambda a, b: a @ b.T):
-        xi, Wi = x.clone().requires_grad_(), W.clone().requires_grad_()
-        out = f(xi, Wi)
-        out.backward(g)
-        grads.append((out.detach(), xi.grad, Wi.grad))
-    assert grads[0][0].shape == (*shape[:-1], 4)
-    for got, want in zip(*grads):
-        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("make", ["idlora", "lora"])
