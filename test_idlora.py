@@ -203,6 +203,31 @@ def test_gather_columns_is_exact_indexing_in_every_dtype(dtype):
 
 @pytest.mark.parametrize("make", ["idlora", "lora"])
 @pytest.mark.parametrize("fp32", [False, True])
+def test_for_inference_gives_the_same_logits_bit_for_bit(make, fp32):
+    """for_inference casts B and the router or A once to the base's bf16 (float32 kept with fp32=True):
+    a bf16 model's logits are bit for bit those of the float32 tensors, and only adapter tensors change."""
+    model = tiny().to(torch.bfloat16)
+    (apply_idlora(model, r=8, k=2, alpha=16, fp32=fp32) if make == "idlora" else apply_lora(model, r=8, alpha=16, fp32=fp32))
+    model.eval()
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if name.endswith(".B"):
+            nn.init.normal_(p, std=0.05)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    ids = batch()
+    with torch.no_grad():
+        want = model(ids).logits
+        got = idlora.for_inference(model)(ids).logits
+    assert torch.equal(got, want)
+    adapter = {n for n in before if n.rsplit(".", 1)[-1] in ("B", "A", "router")}
+    assert len(adapter) == 2 * 7 * 2                 # B and the router or A, in 7 targets of 2 layers
+    for n, t in model.state_dict().items():
+        want_t = before[n].to(torch.bfloat16) if n in adapter and not fp32 else before[n]
+        assert t.dtype == want_t.dtype and torch.equal(t, want_t), n
+
+
+@pytest.mark.parametrize("make", ["idlora", "lora"])
+@pytest.mark.parametrize("fp32", [False, True])
 def test_inference_path_equals_the_autograd_path(make, fp32):
     """Without autograd (no_grad, inference_mode) the update is added directly, not through the custom
     autograd Functions: the same output, bit for bit, and the input untouched."""

@@ -672,7 +672,7 @@ def load_trained(out, device="cpu", dtype=None, base=None):
         raise FileNotFoundError(f"{out} holds no trained run (neither model/ nor adapter.safetensors)")
     model, tok = load_model(base or idlora.read_adapter_config(adapter)["base_model"] or None, dtype, device)
     baselines.load_adapter(model, adapter)
-    return model, tok
+    return idlora.for_inference(model), tok      # evaluated, never trained: the adapter in the base dtype
 
 
 def plot_losses(out):
