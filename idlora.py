@@ -641,10 +641,11 @@ def report(model):
 @torch.no_grad()
 def for_inference(model):
     """Cast each ID-LoRA and LoRA layer's float32 tensors once to its base's dtype, where its forward
-    computes in that dtype (a full-precision base, fp32=False): the forward's casts of B, the router
-    and A become no-ops, and the outputs are bit for bit the same. Saves 5 to 15 us a layer on a CPU,
-    6% to 14% of LoRA's unmerged overhead at 576 x 576 (results/bench.md). For inference only: the
-    float32 copies are gone, and training needs them (and LoRA's merge() would read B and A rounded)."""
+    computes in that dtype (a full-precision base, fp32=False): the outputs are bit for bit the same,
+    the adapter takes half the memory in bf16, and the forward's casts of B, the router and A become
+    no-ops (5 to 15 us a layer on a CPU, too little to show in a whole SmolLM2 forward;
+    results/logs/bench-adapter-speed-3.md). For inference only: the float32 copies are gone, and
+    training needs them (and LoRA's merge() would read B and A rounded)."""
     for layer in model.modules():
         if isinstance(layer, (IDLoRALinear, LoRALinear)) and not layer.fp32 and _kind(layer.base) == "linear":
             layer.to(layer.base.weight.dtype)          # the frozen base and the int64 idx are unchanged
