@@ -730,7 +730,7 @@ def load(args):
                       if args.quantize_from_adapter else "")
     if args.adapter:
         rep = baselines.load_adapter(model, args.adapter, quantize=False)
-        idlora.for_inference(model)   # B, A, router cast once to the base dtype: the same outputs, faster
+        idlora.for_inference(model)   # B, A, router cast once to the base dtype: the same outputs, half the memory
         print(f"adapter {args.adapter}: {rep['method']}, {rep['modules']} modules")
     if args.compile:                  # each decoder layer, as train.py --compile does
         for layer in decoder_layers(model):
