@@ -1092,7 +1092,7 @@ def suite_gpu(args):
     """Time the frozen base, LoRA r=16 (merged and unmerged) and ID-LoRA r=128 k=4 m=2 under both
     adapter arithmetic paths (base dtype, the default; float32), interleaved, on LLaMA-3-8B shapes with
     random weights; then the peak memory of a training step (fresh process), and torch.compile of one
-    adapted layer. Writes <--out>/gpu.json and gpu.md."""
+    adapted layer at the largest and the smallest target shape. Writes <--out>/gpu.json and gpu.md."""
     import json
     sync = make_sync(args.device)
     configs = parse_configs("base,lora:16,idlora:128:4:2")
@@ -1102,7 +1102,8 @@ def suite_gpu(args):
     if args.grad_ckpt:
         model.activation_checkpointing_enable()
     ids = token_ids(model, args.batch, args.seq_len, args.seed).to(args.device)
-    largest = max((idlora.weight_shape(m) for m in ad.base_layers.values()), key=lambda s: s[0] * s[1])
+    sizes = sorted({idlora.weight_shape(m) for m in ad.base_layers.values()}, key=lambda s: (s[0] * s[1], s[0]))
+    compile_shapes = list(dict.fromkeys((sizes[-1], sizes[0])))     # the largest and smallest: the 8B's gate/up, k/v
 
     def variant(name):                          # "lora:16 fp32" -> ("lora:16", True)
         config, _, path = name.partition(" ")
@@ -1152,7 +1153,7 @@ def suite_gpu(args):
         with ProcessPoolExecutor(1, mp_context=ctx) as pool:
             memory[name] = pool.submit(_memory_child, child, parse_configs(config)[0]).result()["peak"] / 1e9
 
-    compiled = compile_layer_times(args, largest, sync)
+    compiled = compile_layer_times(args, compile_shapes, sync)
 
     def ratio(res, key, a, b):
         return paired_ratio(res[a][key], res[b][key])
@@ -1195,46 +1196,62 @@ def suite_gpu(args):
                  spread([x * 1e3 for x in fw["fwd"]]), f"{ratio(infer, 'fwd', name, 'base'):.3f}",
                  f"{memory[name]:.2f}" if name in memory else ""]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "One adapted layer, forward+backward ms (median), eager against torch.compile:", "",
-              "| layer | config | eager | compiled |", "|---|---|---|---|"]
-    lines += [f"| {c['layer']} | {c['config']} | {c['eager_ms']:.3f} | {c['compiled_ms']:.3f} |" for c in compiled]
+    lines += ["", "One adapted layer, eager against torch.compile: forward+backward ms, and the forward alone "
+              "(inference_mode) in ms and as the median of per-round ratios to the frozen layer's:", "",
+              "| layer | config | fwd+bwd eager | compiled | forward: frozen layer | eager | compiled | eager vs frozen "
+              "| compiled vs frozen |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {c['layer']} | {c['config']} | {c['eager_ms']:.3f} | {c['compiled_ms']:.3f} | {c['base_forward_ms']:.3f} "
+              f"| {c['eager_forward_ms']:.3f} | {c['compiled_forward_ms']:.3f} | {c['eager_forward_vs_base']:.3f} "
+              f"| {c['compiled_forward_vs_base']:.3f} |" for c in compiled]
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     return out
 
 
-def compile_layer_times(args, shape, sync):
-    """Forward+backward ms of ONE adapted layer of `shape` (d_out, d_in) (on the 8B: 14336 x 4096, its
-    largest), batch x seq-len tokens, eager and under torch.compile, LoRA r=16 and ID-LoRA r=128 k=4 m=2, base-dtype path:
-    does compiling the adapter's small ops pay? [] when torch.compile fails here (reported)."""
+def compile_layer_times(args, shapes, sync):
+    """One adapted layer of each (d_out, d_in) in `shapes` (on the 8B: 14336 x 4096, its largest, and 1024 x
+    4096, its smallest), batch x seq-len tokens, LoRA r=16 and ID-LoRA r=128 k=4 m=2 on the base-dtype path,
+    eager against torch.compile: forward+backward (dropout on), and the forward alone (inference_mode)
+    against the frozen layer's. Interleaved rounds of 10 calls after 2 warm-up rounds (the compilation).
+    Does compiling the adapter's small ops pay, and how near the frozen layer does it bring the forward?
+    [] for a layer where torch.compile fails here (reported)."""
     dtype = resolve_dtype(args.dtype, args.device)
-    d_out, d_in = shape
     g = torch.Generator().manual_seed(args.seed)
-    base = torch.nn.Linear(d_in, d_out, bias=False, dtype=dtype, device=args.device).requires_grad_(False)
-    x = torch.randn(args.batch, args.seq_len, d_in, generator=g).to(args.device, dtype).requires_grad_()
-    idx = torch.randperm(d_out, generator=g)[: 4 * min(128, d_out // 4)].view(4, -1)
-    layers = {"lora:16": idlora.LoRALinear(base, 16, 32, args.dropout),
-              "idlora:128:4:2": idlora.IDLoRALinear(base, idx, 2 * idx.shape[1], 2, args.dropout)}
     out = []
-    for name, layer in layers.items():
-        layer.train()
+    for d_out, d_in in shapes:
+        base = torch.nn.Linear(d_in, d_out, bias=False, dtype=dtype, device=args.device).requires_grad_(False)
+        x = torch.randn(args.batch, args.seq_len, d_in, generator=g).to(args.device, dtype).requires_grad_()
+        idx = torch.randperm(d_out, generator=g)[: 4 * min(128, d_out // 4)].view(4, -1)
+        layers = {"lora:16": idlora.LoRALinear(base, 16, 32, args.dropout),
+                  "idlora:128:4:2": idlora.IDLoRALinear(base, idx, 2 * idx.shape[1], 2, args.dropout)}
+        for name, layer in layers.items():
+            arms = {"base": base, "eager": layer, "compiled": torch.compile(layer)}
 
-        def run(fn):
-            ts = []
-            for i in range(args.repeats + 2):              # the first two: warm-up (and compilation)
+            def run(arm, grad, calls=10):
+                layer.train(grad)                      # dropout in training only, as in use
                 sync()
                 t0 = time.perf_counter()
-                fn(x).sum().backward()
+                for _ in range(calls):
+                    if grad:
+                        arms[arm](x).sum().backward()
+                    else:
+                        with torch.inference_mode():
+                            arms[arm](x)
                 sync()
-                ts.append(time.perf_counter() - t0)
-            return med(ts[2:]) * 1e3
-        try:
-            log(f"  torch.compile: {name}")
-            out.append(dict(layer=f"{d_out} x {d_in}", config=name, eager_ms=run(layer),
-                            compiled_ms=run(torch.compile(layer))))
-        except Exception as e:                         # a missing compiler must not lose the other figures
-            log(f"  torch.compile failed: {type(e).__name__}: {e}")
+                return dict(ms=(time.perf_counter() - t0) / calls * 1e3)
+            try:
+                log(f"  torch.compile: {name}, {d_out} x {d_in}")
+                step = interleaved(["eager", "compiled"], lambda a: run(a, True), args.repeats, 2)
+                fwd = interleaved(["base", "eager", "compiled"], lambda a: run(a, False), args.repeats, 2)
+            except Exception as e:                     # a missing compiler must not lose the other figures
+                log(f"  torch.compile failed: {type(e).__name__}: {e}")
+                continue
+            out.append(dict(layer=f"{d_out} x {d_in}", config=name, eager_ms=med(step["eager"]["ms"]),
+                            compiled_ms=med(step["compiled"]["ms"]), base_forward_ms=med(fwd["base"]["ms"]),
+                            eager_forward_ms=med(fwd["eager"]["ms"]), compiled_forward_ms=med(fwd["compiled"]["ms"]),
+                            eager_forward_vs_base=paired_ratio(fwd["eager"]["ms"], fwd["base"]["ms"]),
+                            compiled_forward_vs_base=paired_ratio(fwd["compiled"]["ms"], fwd["base"]["ms"])))
     return out
 
 

@@ -26,9 +26,17 @@ def test_gpu_suite_writes_its_figures(tmp_path, tiny_model_dir, monkeypatch):
     for key in KEYS - {"device", "command", "rounds"}:
         assert saved[key] == res[key] and 0 < saved[key] < 100, (key, saved[key])
     assert set(saved["step_seconds"]) == {"lora:16", "lora:16 fp32", "idlora:128:4:2", "idlora:128:4:2 fp32"}
-    assert [c["config"] for c in saved["compiled_layer"]] == ["lora:16", "idlora:128:4:2"]
+    # torch.compile of one layer at the largest and the smallest target shape (the tiny model's 128 x 64
+    # up/gate, 32 x 64 k/v), each with its forward against the frozen layer's
+    compiled = saved["compiled_layer"]
+    assert [(c["layer"], c["config"]) for c in compiled] == [
+        ("128 x 64", "lora:16"), ("128 x 64", "idlora:128:4:2"), ("32 x 64", "lora:16"), ("32 x 64", "idlora:128:4:2")]
+    for c in compiled:
+        for key in ("eager_ms", "compiled_ms", "base_forward_ms", "eager_forward_ms", "compiled_forward_ms",
+                    "eager_forward_vs_base", "compiled_forward_vs_base"):
+            assert 0 < c[key] < 1e4, (c, key)
     md = (out / "gpu.md").read_text()
-    assert md.count("\n| ") == 2 + 6 + 2 and "lora:16 merged" in md      # 2 headers, 6 variants, 2 compiled
+    assert md.count("\n| ") == 2 + 6 + 4 and "lora:16 merged" in md   # 2 headers, 6 variants, 4 compiled
 
 
 def test_gpu_suite_on_a_4bit_base(tmp_path, tiny_model_dir, monkeypatch):
@@ -43,7 +51,7 @@ def test_gpu_suite_on_a_4bit_base(tmp_path, tiny_model_dir, monkeypatch):
     assert saved["quantize"] == "nf4" and saved["lora16_merged_forward_vs_base"] is None
     assert 0 < saved["idlora_peak_gb"] < 100 and not (out / "gpu.json").exists()
     md = (out / "gpu-nf4.md").read_text()
-    assert md.count("\n| ") == 2 + 5 + 2 and "merged" not in md and "target layers in nf4" in md
+    assert md.count("\n| ") == 2 + 5 + 4 and "merged" not in md and "target layers in nf4" in md
 
 
 def test_memory_and_params_sections_on_a_4bit_base(tiny_model_dir, capsys):
