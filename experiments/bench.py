@@ -1215,7 +1215,7 @@ def compile_layer_times(args, shapes, sync):
     eager against torch.compile: forward+backward (dropout on), and the forward alone (inference_mode)
     against the frozen layer's. Interleaved rounds of 10 calls after 2 warm-up rounds (the compilation).
     Does compiling the adapter's small ops pay, and how near the frozen layer does it bring the forward?
-    [] for a layer where torch.compile fails here (reported)."""
+    A layer where torch.compile fails here is left out (reported)."""
     dtype = resolve_dtype(args.dtype, args.device)
     g = torch.Generator().manual_seed(args.seed)
     out = []
