@@ -2,7 +2,8 @@
 (outputs and gradients; DoRA in float32 and float64), merged DoRA, HydraLoRA and MoELoRA against
 their formulas, their dropout (one mask per head or expert in training, the shared single path in
 eval and at p = 0), and for every method of the table: the base model at init, gradients only in
-adapter tensors, the file's contents, save -> load, the precision convention, and clear errors.
+adapter tensors, the file's contents, save -> load, the precision convention, clear errors, and one
+graph for torch.compile.
 
     pytest tests/test_baselines.py        (CPU only; peft is needed for the two peft tests)
 """
@@ -326,6 +327,23 @@ def test_gradient_checkpointing_reaches_the_adapters(method):
     ids = batch()
     model(input_ids=ids, labels=ids).loss.backward()
     assert len(layers(model)) == 14 and all(l.B.grad is not None and l.B.grad.abs().sum() > 0 for l in layers(model).values())
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_layer_compiles_as_one_graph(method):
+    """torch.compile (train.py --compile; on a GPU, inductor's fused kernels) sees each method's layer
+    whole, in training (dropout on) and in eval, bf16: no graph break, which would cut the adapter's
+    small operators off from the frozen matmul and cost a return to Python each."""
+    model = patched(method, torch.bfloat16, dropout=0.1)
+    perturb(model)
+    layer = next(iter(layers(model).values()))
+    x = torch.randn(2, 5, idlora.weight_shape(layer.base)[1], dtype=torch.bfloat16)
+    for train in (True, False):
+        layer.train(train)
+        torch._dynamo.reset()
+        with torch.set_grad_enabled(train):
+            e = torch._dynamo.explain(layer)(x)
+        assert (e.graph_count, e.graph_break_count) == (1, 0), e.break_reasons
 
 
 # -----------------------------------------------------------------------------
