@@ -819,6 +819,23 @@ def adapted_layer(base, c, args):
     return layer
 
 
+def infer_once(layer, x):
+    """One forward as at inference: eval mode, under inference_mode."""
+    with torch.inference_mode():
+        layer.eval()
+        layer(x)
+
+
+def train_once(layer, xg, grad):
+    """One forward in training mode (dropout on) and the backward of `grad`; xg requires grad, as x does
+    inside a network. The gradients are cleared afterwards, so calls do not accumulate them."""
+    layer.train()
+    layer(xg).backward(grad)
+    xg.grad = None
+    for p in layer.parameters():
+        p.grad = None
+
+
 def op_times(fn):
     """{aten op: microseconds of its own (self) CPU time} over one call of fn, summed over the op's calls.
     An op nested in another (the copy inside an out-of-place addmm) counts apart from it."""
@@ -847,21 +864,11 @@ def section_layer(args):
                 xg = x.clone().requires_grad_()
                 grad = torch.randn(tokens, d_out, generator=g).to(args.device, dtype)
 
-                def forward(layer):
-                    with torch.inference_mode():
-                        layer.eval()
-                        layer(x)
-
-                def forward_backward(layer):
-                    layer.train()
-                    layer(xg).backward(grad)
-                    xg.grad = None
-                    for p in layer.parameters():
-                        p.grad = None
+                calls = (("fwd", lambda layer: infer_once(layer, x)), ("fb", lambda layer: train_once(layer, xg, grad)))
 
                 def timed(name):
                     out = {}
-                    for key, fn in (("fwd", forward), ("fb", forward_backward)):
+                    for key, fn in calls:
                         sync()
                         t0 = clock()
                         fn(layers[name])
@@ -883,7 +890,7 @@ def section_layer(args):
                 ops = {(name, key): collections.Counter() for name in layers for key in ("fwd", "fb")}
                 for i in range(3):
                     for name in (list(layers) if i % 2 == 0 else list(layers)[::-1]):
-                        for key, fn in (("fwd", forward), ("fb", forward_backward)):
+                        for key, fn in calls:
                             ops[name, key].update(op_times(lambda: fn(layers[name])))
                 top = lambda ops: ", ".join(f"{k.removeprefix('aten::')} {v / 3:,.0f}" for k, v in ops.most_common(8))
                 op_rows += [[shape, dtype_name, name, top(ops[name, "fwd"]), top(ops[name, "fb"])] for name in layers]
@@ -1211,8 +1218,9 @@ def suite_gpu(args):
 
 def compile_layer_times(args, shapes, sync):
     """One adapted layer of each (d_out, d_in) in `shapes` (on the 8B: 14336 x 4096, its largest, and 1024 x
-    4096, its smallest), batch x seq-len tokens, LoRA r=16 and ID-LoRA r=128 k=4 m=2 on the base-dtype path,
-    eager against torch.compile: forward+backward (dropout on), and the forward alone (inference_mode)
+    4096, its smallest), batch x seq-len tokens, LoRA r=16 and ID-LoRA r=128 k=4 m=2 built as the layer
+    section builds them (adapted_layer: B random; the base-dtype path unless --adapter-fp32), eager against
+    torch.compile: forward+backward (dropout on), and the forward alone (inference_mode)
     against the frozen layer's. Interleaved rounds of 10 calls after 2 warm-up rounds (the compilation).
     Does compiling the adapter's small ops pay, and how near the frozen layer does it bring the forward?
     A layer where torch.compile fails here is left out (reported)."""
@@ -1221,33 +1229,28 @@ def compile_layer_times(args, shapes, sync):
     out = []
     for d_out, d_in in shapes:
         base = torch.nn.Linear(d_in, d_out, bias=False, dtype=dtype, device=args.device).requires_grad_(False)
-        x = torch.randn(args.batch, args.seq_len, d_in, generator=g).to(args.device, dtype).requires_grad_()
-        idx = torch.randperm(d_out, generator=g)[: 4 * min(128, d_out // 4)].view(4, -1)
-        layers = {"lora:16": idlora.LoRALinear(base, 16, 32, args.dropout),
-                  "idlora:128:4:2": idlora.IDLoRALinear(base, idx, 2 * idx.shape[1], 2, args.dropout)}
-        for name, layer in layers.items():
+        x = torch.randn(args.batch, args.seq_len, d_in, generator=g).to(args.device, dtype)
+        xg = x.clone().requires_grad_()
+        grad = torch.randn(args.batch, args.seq_len, d_out, generator=g).to(args.device, dtype)
+        for c in parse_configs("lora:16,idlora:128:4:2"):
+            layer = adapted_layer(base, c, args)
             arms = {"base": base, "eager": layer, "compiled": torch.compile(layer)}
 
-            def run(arm, grad, calls=10):
-                layer.train(grad)                      # dropout in training only, as in use
+            def run(arm, train, calls=10):
                 sync()
                 t0 = time.perf_counter()
                 for _ in range(calls):
-                    if grad:
-                        arms[arm](x).sum().backward()
-                    else:
-                        with torch.inference_mode():
-                            arms[arm](x)
+                    train_once(arms[arm], xg, grad) if train else infer_once(arms[arm], x)
                 sync()
                 return dict(ms=(time.perf_counter() - t0) / calls * 1e3)
             try:
-                log(f"  torch.compile: {name}, {d_out} x {d_in}")
+                log(f"  torch.compile: {c.name}, {d_out} x {d_in}")
                 step = interleaved(["eager", "compiled"], lambda a: run(a, True), args.repeats, 2)
                 fwd = interleaved(["base", "eager", "compiled"], lambda a: run(a, False), args.repeats, 2)
             except Exception as e:                     # a missing compiler must not lose the other figures
                 log(f"  torch.compile failed: {type(e).__name__}: {e}")
                 continue
-            out.append(dict(layer=f"{d_out} x {d_in}", config=name, eager_ms=med(step["eager"]["ms"]),
+            out.append(dict(layer=f"{d_out} x {d_in}", config=c.name, eager_ms=med(step["eager"]["ms"]),
                             compiled_ms=med(step["compiled"]["ms"]), base_forward_ms=med(fwd["base"]["ms"]),
                             eager_forward_ms=med(fwd["eager"]["ms"]), compiled_forward_ms=med(fwd["compiled"]["ms"]),
                             eager_forward_vs_base=paired_ratio(fwd["eager"]["ms"], fwd["base"]["ms"]),
